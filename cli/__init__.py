@@ -1,0 +1,1 @@
+"""The cytostore command line (typer). Parses options, calls the library, prints."""

@@ -1,0 +1,87 @@
+"""`cytostore ingest`: cells from a source into the store."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import emit_json, handle_errors, progress_bar
+from cytostore.imaging import CropPolicy
+from cytostore.ingest import IngestConfig, ingest
+from cytostore.sources import FORMATS, SourceOptions, open_source
+
+
+def ingest_cmd(
+    source: Annotated[Path, typer.Argument(help="Manifest (CSV/Parquet), folder of crops or fields, VOC or GeoJSON annotations, or slides.")],
+    store: Annotated[Path, typer.Option("--store", "-s", help="Store folder; created when absent.")],
+    fmt: Annotated[Optional[str], typer.Option("--format", help=f"One of {', '.join(FORMATS)}; guessed when unambiguous.")] = None,
+    encoder: Annotated[str, typer.Option(help="Encoder: a `cytostore encoders` name, a timm architecture, or hf-hub:org/model.")] = "efficientnet_lite0",
+    weights: Annotated[Optional[Path], typer.Option(help="Local checkpoint to load into the encoder (safetensors preferred).")] = None,
+    table: Annotated[Optional[str], typer.Option(help="Cell-table name; default derived from --encoder.")] = None,
+    crop_size: Annotated[int, typer.Option(help="Crop side in level-0 pixels around a cell centre (boxes get more when larger).")] = 64,
+    box_margin: Annotated[float, typer.Option(help="Context around a cell box, as a fraction of its side.")] = 0.15,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 64,
+    workers: Annotated[int, typer.Option(help="Worker processes reading and cropping images.")] = 0,
+    float32: Annotated[bool, typer.Option("--float32", help="Store embeddings as float32 (default float16).")] = False,
+    slide_id: Annotated[Optional[str], typer.Option(help="Slide id for every cell (folders of crops).")] = None,
+    labels_from_folders: Annotated[bool, typer.Option(help="Parent folder = cell label (crops) or slide label (fields).")] = False,
+    image: Annotated[Optional[Path], typer.Option(help="Image or slide a single GeoJSON file belongs to.")] = None,
+    min_diameter: Annotated[float, typer.Option(help="Detector: smallest cell diameter in pixels (0 = from the image).")] = 0.0,
+    max_diameter: Annotated[float, typer.Option(help="Detector: largest cell diameter in pixels (0 = from the image).")] = 0.0,
+    wait: Annotated[bool, typer.Option(help="Wait for another ingest writing the same table instead of exiting.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary as the last line.")] = False,
+) -> None:
+    """Find, crop and embed every cell of SOURCE into the store. Re-running resumes."""
+    with handle_errors():
+        detector = None
+        if min_diameter or max_diameter:
+            from cytostore.detect import DetectorParams
+
+            detector = DetectorParams(min_diameter=min_diameter, max_diameter=max_diameter)
+        options = SourceOptions(slide_id=slide_id, labels_from_folders=labels_from_folders, detector=detector)
+        src = open_source(source, fmt, options, image=image)
+        config = IngestConfig(
+            encoder=encoder, weights=str(weights) if weights else None, table=table,
+            crop=CropPolicy(crop_size=crop_size, box_margin=box_margin), detector=detector, device=device,
+            precision=precision, batch_size=batch_size, workers=workers,
+            embedding_dtype="float32" if float32 else "float16",
+        )
+        total_cells = len(src) if hasattr(src, "__len__") else None
+        total_images = getattr(src, "n_images", None)
+        bar = progress_bar(total_cells or total_images, "cells" if total_cells else "images", not as_json)
+        t0 = time.perf_counter()
+
+        def on_progress(cells: int, images: int, report) -> None:
+            if bar is None:
+                return
+            bar.n = cells if total_cells else images
+            rate = report.cells_added / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(added=report.cells_added, failed=report.cells_failed, cells_s=f"{rate:.0f}", refresh=False)
+            bar.refresh()
+
+        try:
+            report = ingest(src, store, config, progress=on_progress)
+        finally:
+            if bar is not None:
+                bar.close()
+    if as_json:
+        emit_json(report.to_dict())
+    else:
+        typer.echo(
+            f"table {report.table}: {report.cells_added} cells added, {report.cells_skipped} already stored, "
+            f"{report.cells_failed} failed, {report.slides} slides, {report.seconds:.1f} s "
+            f"({report.cells_per_second:.1f} cells/s)"
+        )
+        for f in report.failures:
+            typer.echo(f"  failed [{f['stage']}] {f['where']}: {f['reason']}")
+        for note in report.notes:
+            typer.echo(f"  note: {note}")
+        if report.cells_failed:
+            typer.echo(f"  {report.cells_failed} failures are recorded; see `cytostore info --store {store}`")
+    if report.cells_failed:
+        raise typer.Exit(1)

@@ -1,0 +1,275 @@
+"""Batched embedding: workers read, detect and crop; the model runs on the GPU
+(autocast, channels-last, pinned memory) or deterministically on the CPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from cytostore.encoders.registry import Encoder
+from cytostore.errors import CytostoreError, InputError
+from cytostore.imaging import CropPolicy, Slide, crop_cell, open_image, resize, thumbnail_bytes
+from cytostore.keys import UidSet, position_cell_id
+from cytostore.sources.base import CellRecord, ImageTask, SourceFailure
+
+MAX_CELLS_PER_TASK = 256  # bounds a worker's output; bigger tasks are split
+SLIDE_TILE = 2048  # level-0 tile side for detecting cells on whole slides
+CONTINUED = " (continued)"  # marks the later chunks of one image, for progress counting
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """What workers need to turn a task into model-ready pixels."""
+
+    policy: CropPolicy  # crop geometry
+    input_size: int  # encoder input side
+    interpolation: str  # resize filter
+    detector: Any = None  # DetectorParams for tasks without cells
+
+
+def plan_tasks(source, stored: UidSet) -> Iterator[tuple[str, Any]]:
+    """Splits a source into bounded work items; drops cells already stored.
+
+    Yields ``("task", ImageTask)``, ``("failure", SourceFailure)`` or
+    ``("skipped", n)`` for tasks whose known cells are all stored.
+    """
+    for item in source:
+        if isinstance(item, SourceFailure):
+            yield "failure", item
+            continue
+        if item.cells is None:
+            yield from _plan_detection(item)
+            continue
+        cells = item.cells
+        if cells:
+            done = stored.contains(np.fromiter((c.uid for c in cells), dtype=np.int64, count=len(cells)))
+            if done.any():
+                cells = [c for c, d in zip(cells, done) if not d]
+                yield "skipped", (int(done.sum()), item.slide_id, 0 if cells else 1)
+        for start in range(0, len(cells), MAX_CELLS_PER_TASK):
+            chunk = cells[start:start + MAX_CELLS_PER_TASK]
+            ref = item.source_ref + (CONTINUED if start else "")
+            yield "task", ImageTask(item.image, item.slide_id, chunk, item.slide_label, ref)
+
+
+def _plan_detection(task: ImageTask) -> Iterator[tuple[str, Any]]:
+    from cytostore.imaging import is_slide_file
+
+    if not is_slide_file(task.image):
+        yield "task", task
+        return
+    try:
+        slide = Slide(task.image)
+        w, h = slide.size
+        slide.close()
+    except InputError as e:
+        yield "failure", SourceFailure(task.image, str(e), stage="read", slide_id=task.slide_id)
+        return
+    for y0 in range(0, h, SLIDE_TILE):
+        for x0 in range(0, w, SLIDE_TILE):
+            ref = task.source_ref + ("" if x0 == y0 == 0 else CONTINUED)
+            yield "task", ImageTask(task.image, task.slide_id, None, task.slide_label, ref, id_prefix=f"{x0}_{y0}")
+
+
+def process_task(task: ImageTask, spec: CropSpec, stored: UidSet) -> dict[str, Any]:
+    """Reads one image task: detects cells when needed, crops, resizes, thumbnails.
+
+    Returns a dict with ``cells`` (list of row dicts), ``pixels`` (uint8 N x S x S x 3),
+    ``failures`` and ``skipped``; never raises for bad input.
+    """
+    out: dict[str, Any] = {"cells": [], "pixels": None, "failures": [], "skipped": 0, "slide_id": task.slide_id,
+                           "images": 0 if task.source_ref.endswith(CONTINUED) else 1}
+    try:
+        img = open_image(task.image)
+    except CytostoreError as e:
+        n = len(task.cells) if task.cells is not None else 0
+        out["failures"].append(SourceFailure(task.image, f"{e}; fix or replace the file and run again", "read",
+                                             slide_id=task.slide_id, cell_id=None))
+        out["failed_cells"] = max(n, 1)
+        return out
+    try:
+        cells = task.cells
+        if cells is None:
+            try:
+                cells = _detect(img, task, spec)
+            except Exception as e:  # a detector crash on one field must not stop the run
+                out["failures"].append(SourceFailure(task.image, f"detector failed: {e}", "detect", slide_id=task.slide_id))
+                out["failed_cells"] = 1
+                return out
+            if cells:
+                done = stored.contains(np.fromiter((c.uid for c in cells), dtype=np.int64, count=len(cells)))
+                out["skipped"] = int(done.sum())
+                cells = [c for c, d in zip(cells, done) if not d]
+        pixels = []
+        for rec in cells:
+            try:
+                if rec.x is None:  # the whole image is the crop
+                    w, h = img.size
+                    rec.x, rec.y, rec.box = w / 2, h / 2, (0.0, 0.0, float(w), float(h))
+                    side = max(w, h)
+                else:
+                    side = spec.policy.side(rec.box)
+                crop = crop_cell(img, rec.x, rec.y, side)
+            except CytostoreError as e:
+                out["failures"].append(SourceFailure(rec.source_ref or task.image, f"{e}; fix the coordinates",
+                                                     "crop", rec.slide_id, rec.cell_id, rec.uid))
+                continue
+            pixels.append(resize(crop, spec.input_size, spec.interpolation))
+            out["cells"].append(_row(rec, task, side, thumbnail_bytes(crop)))
+        if pixels:
+            out["pixels"] = np.stack(pixels)
+    finally:
+        img.close()
+    return out
+
+
+def _detect(img, task: ImageTask, spec: CropSpec) -> list[CellRecord]:
+    from cytostore.detect import DetectorParams, detect_cells
+
+    params = spec.detector or DetectorParams()
+    if isinstance(img, Slide):
+        # Tile with an overlap; keep a detection only in the tile holding its centre.
+        x0, y0 = (int(v) for v in task.id_prefix.split("_"))
+        pad = 128
+        region = img.region(x0 - pad, y0 - pad, SLIDE_TILE + 2 * pad)
+        found = [d for d in detect_cells(region, params)
+                 if pad <= d.x < SLIDE_TILE + pad and pad <= d.y < SLIDE_TILE + pad]
+        off_x, off_y = x0 - pad, y0 - pad
+    else:
+        found = detect_cells(img.array, params)
+        off_x = off_y = 0
+    cells = []
+    for d in found:
+        x, y = d.x + off_x, d.y + off_y
+        box = (float(d.x0 + off_x), float(d.y0 + off_y), float(d.x1 + off_x), float(d.y1 + off_y))
+        cells.append(CellRecord(slide_id=task.slide_id, cell_id=position_cell_id(x, y), x=x, y=y, box=box,
+                                source_ref=f"{task.source_ref}#detector"))
+    return cells
+
+
+def _row(rec: CellRecord, task: ImageTask, side: int, thumb: bytes) -> dict[str, Any]:
+    box = rec.box or (None, None, None, None)
+    return {
+        "uid": rec.uid, "slide_id": rec.slide_id, "cell_id": rec.cell_id, "x": float(rec.x), "y": float(rec.y),
+        "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3], "crop_size": int(side), "label": rec.label,
+        "slide_label": task.slide_label, "image": task.image, "source_ref": rec.source_ref or task.source_ref,
+        "thumbnail": thumb, "extra": rec.extra,
+    }
+
+
+class TaskStream:
+    """A torch IterableDataset over planned tasks, split round-robin across workers.
+
+    Each work item gives exactly one output, so the DataLoader's round-robin
+    collection returns them in source order whatever the number of workers.
+    """
+
+    def __init__(self, source, spec: CropSpec, stored: UidSet):
+        self.source = source
+        self.spec = spec
+        self.stored = stored
+
+    def __iter__(self):
+        import torch.utils.data as tud
+
+        info = tud.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info else (0, 1)
+        for k, (kind, item) in enumerate(plan_tasks(self.source, self.stored)):
+            if k % n != wid:
+                continue
+            if kind == "task":
+                yield process_task(item, self.spec, self.stored)
+            elif kind == "failure":
+                yield {"cells": [], "pixels": None, "failures": [item], "skipped": 0, "failed_cells": 1,
+                       "slide_id": item.slide_id, "images": 0}
+            else:
+                yield {"cells": [], "pixels": None, "failures": [], "skipped": item[0], "slide_id": item[1],
+                       "images": item[2]}
+
+
+def make_loader(source, spec: CropSpec, stored: UidSet, workers: int):
+    """DataLoader over a TaskStream; spawned workers never inherit open table handles."""
+    import torch.utils.data as tud
+
+    from cytostore._workers import StreamDataset
+
+    kwargs: dict[str, Any] = {"batch_size": None, "num_workers": workers, "collate_fn": _identity}
+    if workers > 0:
+        kwargs.update(multiprocessing_context="spawn", prefetch_factor=4)
+    return tud.DataLoader(StreamDataset(TaskStream(source, spec, stored)), **kwargs)
+
+
+def _identity(item: dict[str, Any]) -> dict[str, Any]:
+    # Pixels stay numpy until the main process stages them into pinned memory.
+    return item
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CytostoreError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if device not in {"cpu"} and not device.startswith("cuda"):
+        raise CytostoreError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return device
+
+
+class Embedder:
+    """Runs an encoder on fixed-size batches of uint8 crops.
+
+    Every batch is padded to ``batch_size`` so each cell's embedding is computed
+    with the same shapes whatever cells share its batch: a resumed ingest then
+    reproduces an uninterrupted one exactly.
+    """
+
+    def __init__(self, encoder: Encoder, device: str = "auto", batch_size: int = 64, precision: str = "auto"):
+        import torch
+
+        self.encoder = encoder
+        self.device = torch.device(resolve_device(device))
+        self.batch_size = batch_size
+        cuda = self.device.type == "cuda"
+        if precision == "auto":
+            precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+        self.precision = precision
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if cuda:
+            torch.backends.cudnn.benchmark = False
+        # channels-last is faster on GPUs and for the depthwise convolutions of CPUs too.
+        self.model = encoder.model.to(self.device).eval().to(memory_format=torch.channels_last)
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(encoder.mean, device=self.device).view(shape)
+        self.std = torch.tensor(encoder.std, device=self.device).view(shape)
+        size = encoder.input_size
+        self.staging = torch.zeros((batch_size, size, size, 3), dtype=torch.uint8)
+        if cuda:
+            self.staging = self.staging.pin_memory()
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """Embeds up to ``batch_size`` crops (uint8, N x S x S x 3); returns float32 (N, dim)."""
+        import torch
+
+        n = len(pixels)
+        if n == 0:
+            return np.zeros((0, self.encoder.dim), dtype=np.float32)
+        if n > self.batch_size:
+            raise ValueError(f"{n} crops given to a batch of {self.batch_size}")
+        self.staging.zero_()
+        self.staging[:n] = torch.from_numpy(pixels)
+        x = self.staging.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if self.autocast_dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                    out = self.model(x)
+            else:
+                out = self.model(x)
+        out = out[:n].float()
+        if out.shape[1] != self.encoder.dim:
+            raise CytostoreError(f"encoder {self.encoder.name} gave {out.shape[1]} features, expected {self.encoder.dim}")
+        return out.cpu().numpy()

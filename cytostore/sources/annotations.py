@@ -1,0 +1,172 @@
+"""Annotation sources: Pascal VOC XML boxes and QuPath GeoJSON exports."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from cytostore.errors import InputError
+from cytostore.imaging import IMAGE_SUFFIXES, SLIDE_SUFFIXES
+from cytostore.keys import check_id
+from cytostore.sources.base import CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions, safe_slide_id
+
+
+def _find_image(stem: str, folders: list[Path], suffixes: set[str]) -> Path | None:
+    for folder in folders:
+        for suffix in sorted(suffixes):
+            for cand in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
+                if cand.is_file():
+                    return cand
+    return None
+
+
+def _box_cell_id(box: tuple[float, float, float, float]) -> str:
+    return "_".join(str(int(round(v))) for v in box)
+
+
+class VocSource:
+    """Pascal VOC XML files (the BCCD layout: ``Annotations/`` beside ``JPEGImages/``,
+    or XML files next to their images). One box is one cell, its class the label."""
+
+    extra_schema = pa.schema([])
+
+    def __init__(self, root: str | Path, options: SourceOptions = SourceOptions()):
+        self.root = Path(root)
+        self.options = options
+        if self.root.is_file():
+            self.xmls = [self.root]
+        else:
+            ann = self.root / "Annotations"
+            self.xmls = sorted((ann if ann.is_dir() else self.root).glob("*.xml"))
+        if not self.xmls:
+            raise InputError(f"{self.root}: no VOC .xml files found")
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        for xml in self.xmls:
+            try:
+                yield self._task(xml)
+            except InputError as e:
+                yield SourceFailure(str(xml), str(e))
+
+    def _task(self, xml: Path) -> ImageTask:
+        try:
+            root = ET.parse(xml).getroot()
+        except ET.ParseError as e:
+            raise InputError(f"not well-formed XML ({e})") from e
+        fname = (root.findtext("filename") or xml.stem).strip()
+        base = xml.parent.parent if xml.parent.name == "Annotations" else xml.parent
+        folders = [base / "JPEGImages", xml.parent, base]
+        image = next((f / fname for f in folders if (f / fname).is_file()), None)
+        image = image or _find_image(Path(fname).stem, folders, IMAGE_SUFFIXES)
+        if image is None:
+            raise InputError(f"image {fname!r} not found in {', '.join(str(f) for f in folders)}")
+        slide_id = safe_slide_id(self.options.slide_id or image.stem, str(xml))
+        cells, seen = [], set()
+        for k, obj in enumerate(root.iter("object")):
+            bb = obj.find("bndbox")
+            try:
+                box = tuple(float(bb.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[union-attr]
+            except (AttributeError, TypeError, ValueError):
+                raise InputError(f"object {k} has no numeric bndbox") from None
+            if box[2] <= box[0] or box[3] <= box[1]:
+                continue
+            cid = _box_cell_id(box)
+            if cid in seen:
+                continue
+            seen.add(cid)
+            cells.append(CellRecord(slide_id=slide_id, cell_id=cid, x=(box[0] + box[2]) / 2, y=(box[1] + box[3]) / 2,
+                                    box=box, label=(obj.findtext("name") or "").strip() or None,
+                                    source_ref=f"{xml}#object{k}"))
+        return ImageTask(image=str(image), slide_id=slide_id, cells=cells, source_ref=str(xml))
+
+
+def _geometry_box(geom: dict[str, Any]) -> tuple[float, float, tuple[float, float, float, float] | None]:
+    kind = geom.get("type")
+    coords = geom.get("coordinates")
+    if kind == "Point":
+        return float(coords[0]), float(coords[1]), None
+    if kind == "MultiPoint":
+        xs, ys = zip(*[(float(c[0]), float(c[1])) for c in coords])
+        return sum(xs) / len(xs), sum(ys) / len(ys), None
+    if kind in {"Polygon", "MultiPolygon"}:
+        rings = [coords[0]] if kind == "Polygon" else [p[0] for p in coords]
+        pts = [(float(c[0]), float(c[1])) for ring in rings for c in ring]
+        # Area-weighted centroid of the outer ring(s) (shoelace formula).
+        a_tot = cx = cy = 0.0
+        for ring in rings:
+            for (x0, y0), (x1, y1) in zip(ring, ring[1:] + ring[:1]):
+                cross = x0 * y1 - x1 * y0
+                a_tot += cross
+                cx += (x0 + x1) * cross
+                cy += (y0 + y1) * cross
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        box = (min(xs), min(ys), max(xs), max(ys))
+        if abs(a_tot) < 1e-9:
+            return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box
+        return cx / (3 * a_tot), cy / (3 * a_tot), box
+    raise InputError(f"geometry type {kind!r} is not a point or polygon")
+
+
+class GeoJsonSource:
+    """QuPath GeoJSON exports: points or polygons (centroid and bounding box used).
+
+    The image is the file with the GeoJSON's stem beside it (a slide or an image);
+    the label is ``properties.classification.name``; the cell id is the feature's
+    ``id`` when it has one, else derived from the position.
+    """
+
+    extra_schema = pa.schema([])
+
+    def __init__(self, root: str | Path, options: SourceOptions = SourceOptions(), image: str | Path | None = None):
+        self.root = Path(root)
+        self.options = options
+        self.image = Path(image) if image else None
+        self.files = [self.root] if self.root.is_file() else sorted(
+            p for p in self.root.rglob("*") if p.suffix.lower() in {".geojson", ".json"})
+        if not self.files:
+            raise InputError(f"{self.root}: no .geojson files found")
+
+    def __iter__(self) -> Iterator[SourceItem]:
+        for path in self.files:
+            try:
+                yield from self._items(path)
+            except InputError as e:
+                yield SourceFailure(str(path), str(e))
+
+    def _items(self, path: Path) -> Iterator[SourceItem]:
+        image = self.image or _find_image(path.stem, [path.parent], SLIDE_SUFFIXES | IMAGE_SUFFIXES)
+        if image is None:
+            raise InputError(f"no image or slide named {path.stem}.* beside it; put it there or pass --image")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"not valid JSON ({e})") from e
+        features = data.get("features", []) if isinstance(data, dict) else data
+        if isinstance(data, dict) and data.get("type") == "Feature":
+            features = [data]
+        slide_id = safe_slide_id(self.options.slide_id or image.stem, str(path))
+        cells, seen = [], set()
+        for k, feat in enumerate(features):
+            where = f"{path}#feature{k}"
+            try:
+                if not isinstance(feat, dict) or not isinstance(feat.get("geometry"), dict):
+                    raise InputError("feature has no geometry")
+                x, y, box = _geometry_box(feat["geometry"])
+                props = feat.get("properties") or {}
+                cls = props.get("classification") or {}
+                label = cls.get("name") if isinstance(cls, dict) else None
+                cid = feat.get("id") or props.get("id") or (_box_cell_id(box) if box else f"{int(round(x))}_{int(round(y))}")
+                cid = check_id(cid, "cell_id")
+            except (InputError, TypeError, ValueError, IndexError) as e:
+                yield SourceFailure(where, f"{e}; fix or remove the feature", slide_id=slide_id)
+                continue
+            if cid in seen:
+                yield SourceFailure(where, f"duplicate cell id {cid!r}; the first was kept", slide_id=slide_id, cell_id=cid)
+                continue
+            seen.add(cid)
+            cells.append(CellRecord(slide_id=slide_id, cell_id=cid, x=x, y=y, box=box, label=label, source_ref=where))
+        yield ImageTask(image=str(image), slide_id=slide_id, cells=cells, source_ref=str(path))

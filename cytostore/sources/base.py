@@ -1,0 +1,94 @@
+"""What every source yields: image tasks (one image or slide and its cells) and
+failures (rows or files that cannot be used)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Union
+
+from cytostore.errors import InputError
+from cytostore.keys import cell_uid, check_id
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Options shared by the sources."""
+
+    slide_id: str | None = None  # fixed slide id (folder of crops)
+    labels_from_folders: bool = False  # parent folder name is the label (crops) or slide label (fields)
+    detector: Any = None  # DetectorParams for fields and slides without coordinates
+
+
+@dataclass
+class CellRecord:
+    """One cell to crop and embed."""
+
+    slide_id: str
+    cell_id: str
+    x: float | None  # centre; None when the whole image is the crop
+    y: float | None
+    box: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1
+    label: str | None = None
+    source_ref: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uid(self) -> int:
+        """Stable 63-bit id of the cell."""
+        return cell_uid(self.slide_id, self.cell_id)
+
+
+@dataclass
+class ImageTask:
+    """One image or slide file and the cells to take from it.
+
+    ``cells`` is None when the cells must first be found by the detector.
+    """
+
+    image: str
+    slide_id: str
+    cells: list[CellRecord] | None
+    slide_label: str | None = None
+    source_ref: str = ""
+    id_prefix: str | None = None  # prefix for position-derived cell ids (several images per slide)
+
+
+@dataclass
+class SourceFailure:
+    """An input that could not be used, and why."""
+
+    where: str
+    reason: str
+    stage: str = "source"
+    slide_id: str | None = None
+    cell_id: str | None = None
+    uid: int | None = None
+
+
+SourceItem = Union[ImageTask, SourceFailure]
+
+
+class Source(Protocol):
+    """An iterable of image tasks and failures, picklable so workers can re-open it."""
+
+    extra_schema: Any  # pyarrow schema of the extra columns kept, or None
+
+    def __iter__(self) -> Iterator[SourceItem]: ...
+
+
+def safe_slide_id(value: object, where: str) -> str:
+    """check_id with the place named in the message."""
+    try:
+        return check_id(value, "slide_id")
+    except InputError as e:
+        raise InputError(f"{where}: {e}; fix the id in the source") from e
+
+
+def image_files(root: Path, suffixes: set[str]) -> list[Path]:
+    """Files under ``root`` with one of ``suffixes``, sorted, hidden files left out."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in suffixes and not any(s.startswith(".") for s in p.relative_to(root).parts)
+    )

@@ -1,0 +1,290 @@
+"""The cell store: Lance tables of cells and their embeddings, one table per encoder."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from cytostore import schema
+from cytostore.errors import StoreError
+from cytostore.keys import UidSet
+
+MARKER = "cytostore.json"
+CELLS_PREFIX = "cells."
+FAILURES = "failures"
+DEFAULT_TABLE = "efficientnet_lite0"
+
+
+def table_name_for(encoder_name: str) -> str:
+    """The cell-table name for an encoder name (safe as a folder name)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", encoder_name).strip("_.") or "encoder"
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+class CellStore:
+    """A folder (or object-store prefix) of Lance tables.
+
+    ``cells.<encoder>.lance`` holds one row per cell for one encoder, keyed by
+    ``(slide_id, cell_id)`` and by the derived 64-bit ``uid``; ``failures.lance``
+    holds what could not be ingested. Readers never take a lock.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = str(root).rstrip("/")
+
+    # -- opening ---------------------------------------------------------------
+    @classmethod
+    def open(cls, root: str | Path) -> "CellStore":
+        """Opens an existing store; raises StoreError when there is none at ``root``."""
+        store = cls(root)
+        if not _is_uri(store.root) and not (Path(store.root) / MARKER).is_file():
+            raise StoreError(
+                f"{store.root} is not a cytostore store (no {MARKER}); create one with `cytostore ingest SOURCE --store {store.root}`"
+            )
+        return store
+
+    @classmethod
+    def create(cls, root: str | Path) -> "CellStore":
+        """Opens the store at ``root``, creating it when absent."""
+        store = cls(root)
+        if not _is_uri(store.root):
+            path = Path(store.root)
+            if path.exists() and not path.is_dir():
+                raise StoreError(f"{path} exists and is not a folder")
+            if path.is_dir() and any(path.iterdir()) and not (path / MARKER).is_file():
+                raise StoreError(f"{path} is a non-empty folder that is not a cytostore store; pick another --store")
+            path.mkdir(parents=True, exist_ok=True)
+            if not (path / MARKER).is_file():
+                (path / MARKER).write_text(json.dumps({"format": "cytostore", "version": 1,
+                                                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        return store
+
+    # -- tables ----------------------------------------------------------------
+    def _uri(self, name: str) -> str:
+        return f"{self.root}/{name}.lance"
+
+    def _table_names(self) -> list[str]:
+        if _is_uri(self.root):
+            import lancedb
+
+            return sorted(lancedb.connect(self.root).table_names())
+        return sorted(p.name[: -len(".lance")] for p in Path(self.root).glob("*.lance") if p.is_dir())
+
+    def tables(self) -> list[str]:
+        """Names of the encoder tables (``cells.<name>``), without the prefix."""
+        return [n[len(CELLS_PREFIX):] for n in self._table_names() if n.startswith(CELLS_PREFIX)]
+
+    def resolve(self, encoder: str | None = None) -> str:
+        """The table name for ``encoder``: the only table, or the named one."""
+        names = self.tables()
+        if not names:
+            raise StoreError(f"store {self.root} holds no cell tables yet; run `cytostore ingest` first")
+        if encoder is None:
+            if len(names) == 1:
+                return names[0]
+            if DEFAULT_TABLE in names:
+                return DEFAULT_TABLE
+            raise StoreError(f"store {self.root} has several encoder tables {names}; pass --encoder NAME")
+        name = table_name_for(encoder)
+        if name not in names:
+            raise StoreError(f"store {self.root} has no table for encoder {encoder!r}; it has {names}")
+        return name
+
+    def has_table(self, table: str) -> bool:
+        """Whether the cell table ``table`` exists."""
+        return table in self.tables()
+
+    def dataset(self, encoder: str | None = None, version: int | None = None):
+        """The Lance dataset of an encoder table (optionally at a given version)."""
+        import lance
+
+        return lance.dataset(self._uri(CELLS_PREFIX + self.resolve(encoder)), version=version)
+
+    def provenance(self, encoder: str | None = None) -> dict[str, Any]:
+        """The provenance stored with an encoder table."""
+        return schema.read_metadata(self.dataset(encoder).schema)
+
+    # -- reading ---------------------------------------------------------------
+    def count(self, encoder: str | None = None, where: str | None = None) -> int:
+        """Number of cells in a table (matching ``where`` when given)."""
+        return self.dataset(encoder).count_rows(filter=where)
+
+    def cells(self, columns: Sequence[str] | None = None, where: str | None = None,
+              encoder: str | None = None) -> pa.Table:
+        """Cells as an Arrow table.
+
+        Args:
+            columns: columns to read; default all but ``embedding`` and ``thumbnail``.
+                Name ``embedding`` to get the vectors.
+            where: SQL filter, e.g. ``"label = 'spherocyte' AND slide_id != '12'"``.
+            encoder: which encoder table; default the only (or default) one.
+        """
+        ds = self.dataset(encoder)
+        if columns is None:
+            columns = [n for n in ds.schema.names if n not in {"embedding", "thumbnail"}]
+        missing = [c for c in columns if c not in ds.schema.names]
+        if missing:
+            raise StoreError(f"no column(s) {missing} in table {self.resolve(encoder)!r}; it has {ds.schema.names}")
+        try:
+            return ds.to_table(columns=list(columns), filter=where)
+        except Exception as e:
+            if where:
+                raise StoreError(f"cannot apply filter {where!r}: {e}") from e
+            raise
+
+    def embeddings(self, encoder: str | None = None, where: str | None = None,
+                   columns: Sequence[str] = ("uid", "slide_id", "cell_id")) -> tuple[np.ndarray, pa.Table]:
+        """Embeddings as an (N, dim) numpy array, with the key columns beside them.
+
+        The array is a view on the Arrow buffer (no copy) in the stored dtype.
+        """
+        table = self.cells(columns=[*columns, "embedding"], where=where, encoder=encoder)
+        return embedding_matrix(table.column("embedding")), table.drop_columns(["embedding"])
+
+    def to_torch(self, encoder: str | None = None, where: str | None = None):
+        """Embeddings as a torch tensor sharing memory with the Arrow buffer (read-only)."""
+        import torch
+
+        arr, keys = self.embeddings(encoder, where)
+        import warnings
+
+        with warnings.catch_warnings():  # the buffer is read-only; torch warns but shares it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(arr), keys
+
+    def stored_uids(self, table: str) -> UidSet:
+        """The uids already in a table (8 bytes per cell)."""
+        if not self.has_table(table):
+            return UidSet()
+        import lance
+
+        ds = lance.dataset(self._uri(CELLS_PREFIX + table))
+        col = ds.to_table(columns=["uid"]).column("uid")
+        return UidSet(col.to_numpy())
+
+    def failures(self) -> pa.Table:
+        """Every recorded ingest failure (empty when none)."""
+        import lance
+
+        if FAILURES not in self._table_names():
+            return schema.arrow_schema("failures").empty_table()
+        return lance.dataset(self._uri(FAILURES)).to_table()
+
+    def info(self) -> dict[str, Any]:
+        """A summary: cells, slides, tables with their provenance, failures."""
+        tables = []
+        slides: set[str] = set()
+        cells = 0
+        for name in self.tables():
+            ds = self.dataset(name)
+            keys = ds.to_table(columns=["slide_id"])
+            table_slides = set(keys.column("slide_id").to_pylist())
+            slides |= table_slides
+            cells = max(cells, keys.num_rows)
+            labels = None
+            if "label" in ds.schema.names:
+                lab = ds.to_table(columns=["label"]).column("label")
+                vc = lab.value_counts().to_pylist()
+                labels = {str(d["values"]): int(d["counts"]) for d in vc if d["values"] is not None}
+            tables.append({
+                "name": name,
+                "cells": keys.num_rows,
+                "slides": len(table_slides),
+                "version": ds.version,
+                "fragments": len(ds.get_fragments()),
+                "bytes": _dir_bytes(self._uri(CELLS_PREFIX + name)),
+                "labels": labels,
+                "extra_columns": [n for n in ds.schema.names if n not in schema.column_names("cells")],
+                "provenance": schema.read_metadata(ds.schema),
+            })
+        failures = self.failures()
+        return {"store": self.root, "cells": cells, "slides": len(slides), "tables": tables,
+                "failures": failures.num_rows}
+
+    # -- writing (used by ingest, under the table's writer lock) -----------------
+    def append(self, table: str, rows: pa.Table) -> None:
+        """Appends rows to a cell table in one atomic commit, creating it on first use."""
+        import lance
+
+        uri = self._uri(CELLS_PREFIX + table)
+        if self.has_table(table):
+            ds = lance.dataset(uri)
+            new_cols = [f for f in rows.schema if f.name not in ds.schema.names]
+            if new_cols:
+                ds.add_columns([f.with_nullable(True) for f in new_cols])
+                ds = lance.dataset(uri)
+            rows = conform(rows, ds.schema)
+            lance.write_dataset(rows, uri, mode="append")
+        else:
+            lance.write_dataset(rows, uri, schema=rows.schema, mode="create")
+
+    def append_failures(self, rows: pa.Table) -> None:
+        """Appends failure rows."""
+        import lance
+
+        if rows.num_rows == 0:
+            return
+        uri = self._uri(FAILURES)
+        mode = "append" if FAILURES in self._table_names() else "create"
+        lance.write_dataset(conform(rows, schema.arrow_schema("failures")), uri, mode=mode)
+
+    def delete_failures(self, where: str) -> None:
+        """Deletes failure rows matching ``where``."""
+        import lance
+
+        if FAILURES in self._table_names():
+            lance.dataset(self._uri(FAILURES)).delete(where)
+
+    def delete(self, where: str, encoder: str | None = None) -> int:
+        """Deletes cells matching ``where`` from one table; returns how many."""
+        ds = self.dataset(encoder)
+        n = ds.count_rows(filter=where)
+        if n:
+            ds.delete(where)
+        return n
+
+    def compact(self, table: str) -> None:
+        """Merges the small fragments that batched commits leave behind."""
+        import lance
+
+        ds = lance.dataset(self._uri(CELLS_PREFIX + table))
+        if len(ds.get_fragments()) > 8:
+            ds.optimize.compact_files()
+
+
+def conform(rows: pa.Table, target: pa.Schema) -> pa.Table:
+    """Reorders and casts ``rows`` to ``target``; absent nullable columns become nulls."""
+    cols = []
+    for f in target:
+        if f.name in rows.column_names:
+            cols.append(rows.column(f.name).cast(f.type))
+        elif f.nullable:
+            cols.append(pa.nulls(rows.num_rows, f.type))
+        else:
+            raise StoreError(f"column {f.name!r} is required by the table but missing from the rows")
+    return pa.Table.from_arrays(cols, schema=target)
+
+
+def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(N, dim) numpy view of a fixed-size-list embedding column (one copy only when chunked)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count:
+        raise StoreError("the embedding column has nulls")
+    dim = arr.type.list_size
+    flat = arr.values.slice(arr.offset * dim, len(arr) * dim)
+    return flat.to_numpy(zero_copy_only=True).reshape(len(arr), dim)
+
+
+def _dir_bytes(uri: str) -> int | None:
+    if _is_uri(uri):
+        return None
+    return sum(p.stat().st_size for p in Path(uri).rglob("*") if p.is_file())
