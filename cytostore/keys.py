@@ -38,6 +38,12 @@ def position_cell_id(x: float, y: float, image_stem: str | None = None) -> str:
     return f"{image_stem}:{pos}" if image_stem else pos
 
 
+def box_cell_id(box: tuple[float, float, float, float], image_stem: str | None = None) -> str:
+    """Derives a deterministic cell id from the cell's box (x0, y0, x1, y1)."""
+    pos = "_".join(str(int(round(v))) for v in box)
+    return f"{image_stem}:{pos}" if image_stem else pos
+
+
 def cell_uid(slide_id: str, cell_id: str) -> int:
     """Stable non-negative 63-bit id of a cell; the same for every encoder table."""
     digest = hashlib.blake2b(f"{slide_id}\x1f{cell_id}".encode(), digest_size=8).digest()

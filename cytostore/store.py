@@ -161,6 +161,12 @@ class CellStore:
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(arr), keys
 
+    def search(self, *args, **kwargs):
+        """Similar cells as an Arrow table: see `cytostore.search.search`."""
+        from cytostore.search import search
+
+        return search(self, *args, **kwargs)
+
     def stored_uids(self, table: str) -> UidSet:
         """The uids already in a table (8 bytes per cell)."""
         if not self.has_table(table):

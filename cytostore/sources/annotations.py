@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from cytostore.errors import InputError
 from cytostore.imaging import IMAGE_SUFFIXES, SLIDE_SUFFIXES
-from cytostore.keys import check_id
+from cytostore.keys import box_cell_id, check_id
 from cytostore.sources.base import CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions, safe_slide_id
 
 
@@ -22,10 +22,6 @@ def _find_image(stem: str, folders: list[Path], suffixes: set[str]) -> Path | No
                 if cand.is_file():
                     return cand
     return None
-
-
-def _box_cell_id(box: tuple[float, float, float, float]) -> str:
-    return "_".join(str(int(round(v))) for v in box)
 
 
 class VocSource:
@@ -74,7 +70,7 @@ class VocSource:
                 raise InputError(f"object {k} has no numeric bndbox") from None
             if box[2] <= box[0] or box[3] <= box[1]:
                 continue
-            cid = _box_cell_id(box)
+            cid = box_cell_id(box)
             if cid in seen:
                 continue
             seen.add(cid)
@@ -159,7 +155,7 @@ class GeoJsonSource:
                 props = feat.get("properties") or {}
                 cls = props.get("classification") or {}
                 label = cls.get("name") if isinstance(cls, dict) else None
-                cid = feat.get("id") or props.get("id") or (_box_cell_id(box) if box else f"{int(round(x))}_{int(round(y))}")
+                cid = feat.get("id") or props.get("id") or (box_cell_id(box) if box else f"{int(round(x))}_{int(round(y))}")
                 cid = check_id(cid, "cell_id")
             except (InputError, TypeError, ValueError, IndexError) as e:
                 yield SourceFailure(where, f"{e}; fix or remove the feature", slide_id=slide_id)

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from cytostore.errors import InputError
-from cytostore.keys import check_id, position_cell_id
+from cytostore.keys import box_cell_id, check_id, position_cell_id
 from cytostore.sources.base import CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions, safe_slide_id
 
 KNOWN = {"image", "slide_id", "cell_id", "x", "y", "x0", "y0", "x1", "y1", "label", "slide_label"}
@@ -135,10 +135,13 @@ class ManifestSource:
         stem = Path(image).stem
         cell_id = row.get("cell_id")
         if cell_id in (None, ""):
-            if x is None:
-                cell_id = stem
+            prefix = stem if multi_image else None
+            if box is not None:
+                cell_id = box_cell_id(box, prefix)
+            elif x is not None:
+                cell_id = position_cell_id(x, y, prefix)
             else:
-                cell_id = position_cell_id(x, y, stem if multi_image else None)
+                cell_id = stem
         cell_id = check_id(cell_id, "cell_id")
         label = row.get("label")
         extra = {k: v for k, v in row.items() if k not in KNOWN}

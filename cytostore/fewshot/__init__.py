@@ -1,0 +1,38 @@
+"""Few-shot cell classification from prototypes.
+
+The flow, one module each:
+
+- ``prototypes``: feature normalisation (power, store-mean centring, L2),
+  prototypes (class means or k-means within a class), scores, transductive refinement.
+- ``support``: a support file (store cells or images) -> embeddings, checked against the table's encoder.
+- ``tables``: ``prototypes.<name>.lance`` and ``predictions.<name>.lance`` in the store.
+- ``classify``: :func:`fit`, :func:`predict`, :func:`suggest` and its :func:`montage`.
+- ``episodes``: N-way K-shot episodic evaluation against k-NN and logistic regression.
+"""
+
+from cytostore.fewshot.classify import fit, montage, predict, suggest
+from cytostore.fewshot.episodes import Episode, EpisodeSpec, evaluate, sample_episodes
+from cytostore.fewshot.prototypes import UNKNOWN, FeatureTransform, PrototypeConfig, Prototypes
+from cytostore.fewshot.support import SupportSet, read_support
+from cytostore.fewshot.tables import PrototypeSet, load_prototypes, prototype_sets, read_predictions
+
+__all__ = [
+    "UNKNOWN",
+    "Episode",
+    "EpisodeSpec",
+    "FeatureTransform",
+    "PrototypeConfig",
+    "PrototypeSet",
+    "Prototypes",
+    "SupportSet",
+    "evaluate",
+    "fit",
+    "load_prototypes",
+    "montage",
+    "predict",
+    "prototype_sets",
+    "read_predictions",
+    "read_support",
+    "sample_episodes",
+    "suggest",
+]

@@ -1,0 +1,166 @@
+"""Prototype and prediction tables in the store: ``prototypes.<name>.lance`` and
+``predictions.<name>.lance``, laid out by schemas/prototypes.json and predictions.json."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cytostore import schema
+from cytostore.errors import StoreError
+from cytostore.fewshot.prototypes import FeatureTransform, PrototypeConfig, Prototypes, power_transform
+from cytostore.store import CellStore
+
+PROTOTYPES_PREFIX = "prototypes."
+PREDICTIONS_PREFIX = "predictions."
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+
+
+def as_store(store: CellStore | str | Path) -> CellStore:
+    """A CellStore from a store or a path (opened, so a missing store is a StoreError)."""
+    return store if isinstance(store, CellStore) else CellStore.open(store)
+
+
+def check_name(name: str) -> str:
+    """Returns ``name`` when it is a valid prototype-set name (it becomes a folder name)."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise StoreError(f"prototype set name {name!r} is not valid: use 1-100 letters, digits, '_' or '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+def _uri(store: CellStore, prefix: str, name: str) -> str:
+    return f"{store.root}/{prefix}{check_name(name)}.lance"
+
+
+def prototype_sets(store: CellStore | str | Path) -> list[str]:
+    """Names of the prototype sets stored in ``store``."""
+    s = as_store(store)
+    return [n[len(PROTOTYPES_PREFIX):] for n in s._table_names() if n.startswith(PROTOTYPES_PREFIX)]
+
+
+def store_mean(store: CellStore, encoder: str | None, power: float | None, batch_rows: int = 8192) -> np.ndarray:
+    """Mean of the (powered) embeddings of every cell of a table, read batch by batch."""
+    ds = store.dataset(encoder)
+    total, n = None, 0
+    for batch in ds.to_batches(columns=["embedding"], batch_size=batch_rows):
+        if batch.num_rows == 0:
+            continue
+        from cytostore.store import embedding_matrix
+
+        x = power_transform(embedding_matrix(batch.column(0)), power)
+        total = x.sum(axis=0, dtype=np.float64) if total is None else total + x.sum(axis=0, dtype=np.float64)
+        n += len(x)
+    if not n:
+        raise StoreError(f"table {store.resolve(encoder)!r} of {store.root} holds no cells")
+    return (total / n).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PrototypeSet:
+    """A stored prototype set, ready to score cells."""
+
+    name: str  # set name
+    version: int  # Lance version of prototypes.<name>
+    prototypes: Prototypes  # vectors in the transformed space
+    transform: FeatureTransform  # raw embedding -> transformed space
+    config: PrototypeConfig  # how it was built
+    metadata: dict[str, Any]  # everything stored with it (provenance, support ids, ...)
+
+    @property
+    def support_uids(self) -> set[int]:
+        """uids of the store cells used as support (images have none)."""
+        return {int(u) for u in self.metadata.get("support", {}).get("uids", [])}
+
+
+def write_prototypes(store: CellStore, name: str, protos: Prototypes, metadata: dict[str, Any]) -> int:
+    """Writes a prototype set as a new version of ``prototypes.<name>``; returns that version."""
+    import lance
+
+    dim = protos.vectors.shape[1]
+    sch = schema.arrow_schema("prototypes", dim=dim, embedding_dtype="float32", metadata=metadata)
+    flat = pa.array(protos.vectors.astype(np.float32).reshape(-1), type=pa.float32())
+    table = pa.Table.from_arrays([
+        pa.array(protos.labels.tolist(), pa.string()),
+        pa.array(protos.index.astype(np.int32), pa.int32()),
+        pa.FixedSizeListArray.from_arrays(flat, dim),
+        pa.array(protos.n_support.astype(np.int32), pa.int32()),
+    ], schema=sch)
+    uri = _uri(store, PROTOTYPES_PREFIX, name)
+    exists = Path(uri).is_dir() if "://" not in uri else name in prototype_sets(store)
+    ds = lance.write_dataset(table, uri, schema=sch, mode="overwrite" if exists else "create")
+    return int(ds.version)
+
+
+def load_prototypes(store: CellStore | str | Path, name: str, version: int | None = None) -> PrototypeSet:
+    """Reads a stored prototype set (latest version unless ``version`` is given).
+
+    Raises:
+        StoreError: no set of that name (the message lists the sets there are).
+    """
+    import lance
+
+    s = as_store(store)
+    if name not in prototype_sets(s):
+        have = prototype_sets(s)
+        raise StoreError(f"no prototype set named {name!r} in {s.root}; "
+                         + (f"it has {have}" if have else "fit one with `cytostore fewshot fit --name NAME`"))
+    ds = lance.dataset(_uri(s, PROTOTYPES_PREFIX, name), version=version)
+    t = ds.to_table()
+    meta = schema.read_metadata(ds.schema)
+    from cytostore.store import embedding_matrix
+
+    config = PrototypeConfig.from_dict(meta.get("config", {}))
+    protos = Prototypes(np.array(t.column("label").to_pylist(), dtype=object),
+                        t.column("proto_index").to_numpy().astype(int),
+                        np.array(embedding_matrix(t.column("vector")), dtype=np.float32),
+                        t.column("n_support").to_numpy().astype(int), config.l2)
+    return PrototypeSet(name, int(ds.version), protos, FeatureTransform.from_dict(meta.get("transform", {})),
+                        config, meta)
+
+
+def write_predictions(store: CellStore, name: str, rows: pa.Table) -> int:
+    """Upserts prediction rows (by uid) into ``predictions.<name>``; returns the new version."""
+    import lance
+
+    sch = schema.arrow_schema("predictions", metadata={"schema": "predictions",
+                                                        "schema_version": schema.version("predictions"),
+                                                        "prototypes": name})
+    from cytostore.store import conform
+
+    rows = conform(rows, sch)
+    uri = _uri(store, PREDICTIONS_PREFIX, name)
+    if not Path(uri).is_dir() and "://" not in uri:
+        return int(lance.write_dataset(rows, uri, schema=sch, mode="create").version)
+    ds = lance.dataset(uri)
+    ds.merge_insert("uid").when_matched_update_all().when_not_matched_insert_all().execute(rows)
+    return int(lance.dataset(uri).version)
+
+
+def read_predictions(store: CellStore | str | Path, name: str, columns: list[str] | None = None,
+                     where: str | None = None) -> pa.Table:
+    """The predictions of prototype set ``name``: one row per predicted cell, keyed by uid.
+
+    Join it on ``uid`` with ``CellStore.cells()`` (maps colour by ``prediction:NAME``).
+
+    Raises:
+        StoreError: nothing was predicted with that name yet.
+    """
+    import lance
+
+    s = as_store(store)
+    uri = _uri(s, PREDICTIONS_PREFIX, name)
+    if "://" not in uri and not Path(uri).is_dir():
+        raise StoreError(f"no predictions named {name!r} in {s.root}; run "
+                         f"`cytostore fewshot predict --store {s.root} --name {name}` first")
+    try:
+        return lance.dataset(uri).to_table(columns=columns, filter=where)
+    except Exception as e:
+        if where:
+            raise StoreError(f"cannot apply filter {where!r} to predictions {name!r}: {e}") from e
+        raise
