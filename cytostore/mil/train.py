@@ -139,6 +139,54 @@ def weighted_nll(proba: np.ndarray, y: np.ndarray, weights: np.ndarray) -> float
     return float((w * -np.log(p)).sum() / max(w.sum(), 1e-12))
 
 
+def make_head(bags: BagSet, y: np.ndarray, train_idx: np.ndarray, n_classes: int, cfg: TrainConfig, device):
+    """A fresh head (input stats from the training bags), its AdamW optimiser, weighted loss and class weights."""
+    import torch
+
+    from cytostore.mil.models import ModelConfig, build_model
+
+    mcfg = ModelConfig(kind=cfg.model, in_dim=bags.dim, n_classes=n_classes, hidden=cfg.hidden,
+                       attn_dim=cfg.attn_dim, dropout=cfg.dropout, input_norm=cfg.input_norm)
+    model = build_model(mcfg)
+    mean, std = input_stats(bags, train_idx)
+    model.set_input_stats(torch.from_numpy(mean).float(), torch.from_numpy(std).float())
+    model.to(device)
+    w = class_weights(y[train_idx], n_classes) if cfg.class_weighting else np.ones(n_classes)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32, device=device))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return model, opt, loss_fn, w
+
+
+def run_epoch(model, opt, loss_fn, bags: BagSet, y: np.ndarray, train_idx: np.ndarray, cfg: TrainConfig,
+              rng: np.random.Generator, device) -> float:
+    """One pass over the training bags in a random order; returns the mean training loss.
+
+    Each step pads ``cfg.batch_bags`` bags of at most ``cfg.max_cells`` sampled cells.
+    """
+    import torch
+
+    from cytostore.mil.models import pad_bags
+
+    model.train()
+    order = rng.permutation(train_idx)
+    total, seen = 0.0, 0
+    for start in range(0, len(order), cfg.batch_bags):
+        chunk = order[start:start + cfg.batch_bags]
+        feats = []
+        for i in chunk:
+            f = bags[int(i)].features
+            feats.append(torch.from_numpy(np.ascontiguousarray(f[sample_indices(len(f), cfg.max_cells, rng)])))
+        x, mask = pad_bags(feats)
+        logits, _ = model(x.to(device), mask.to(device))
+        loss = loss_fn(logits, torch.from_numpy(y[chunk]).to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(chunk)
+        seen += len(chunk)
+    return total / max(seen, 1)
+
+
 def fit(bags: BagSet, y: np.ndarray, train_idx: Sequence[int], val_idx: Sequence[int], n_classes: int,
         cfg: TrainConfig, epochs: int | None = None, seed: int | None = None) -> FitResult:
     """Trains one head on ``train_idx`` bags, early-stopping on ``val_idx`` (when any).
@@ -155,47 +203,21 @@ def fit(bags: BagSet, y: np.ndarray, train_idx: Sequence[int], val_idx: Sequence
     import torch
 
     from cytostore.embed import resolve_device
-    from cytostore.mil.models import ModelConfig, build_model, pad_bags
 
     seed = cfg.seed if seed is None else seed
     device = torch.device(resolve_device(cfg.device))
     seed_everything(seed)
-    mcfg = ModelConfig(kind=cfg.model, in_dim=bags.dim, n_classes=n_classes, hidden=cfg.hidden,
-                       attn_dim=cfg.attn_dim, dropout=cfg.dropout, input_norm=cfg.input_norm)
-    model = build_model(mcfg)
-    mean, std = input_stats(bags, train_idx)
-    model.set_input_stats(torch.from_numpy(mean).float(), torch.from_numpy(std).float())
-    model.to(device)
     train_idx = np.asarray(train_idx, dtype=np.int64)
     val_idx = np.asarray(val_idx, dtype=np.int64)
-    w = class_weights(y[train_idx], n_classes) if cfg.class_weighting else np.ones(n_classes)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32, device=device))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, opt, loss_fn, w = make_head(bags, y, train_idx, n_classes, cfg, device)
     n_epochs = epochs if epochs is not None else cfg.epochs
     rng = np.random.default_rng(seed)
     best = (math.inf, 0, None)  # (val loss, epoch, state)
     history = []
     epoch = 0
     for epoch in range(1, n_epochs + 1):
-        model.train()
-        order = rng.permutation(train_idx)
-        total, seen = 0.0, 0
-        for start in range(0, len(order), cfg.batch_bags):
-            chunk = order[start:start + cfg.batch_bags]
-            feats = []
-            for i in chunk:
-                f = bags[int(i)].features
-                feats.append(torch.from_numpy(np.ascontiguousarray(f[sample_indices(len(f), cfg.max_cells, rng)])))
-            x, mask = pad_bags(feats)
-            target = torch.from_numpy(y[chunk]).to(device)
-            logits, _ = model(x.to(device), mask.to(device))
-            loss = loss_fn(logits, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(chunk)
-            seen += len(chunk)
-        record = {"epoch": epoch, "train_loss": total / max(seen, 1)}
+        train_loss = run_epoch(model, opt, loss_fn, bags, y, train_idx, cfg, rng, device)
+        record = {"epoch": epoch, "train_loss": train_loss}
         if len(val_idx):
             proba, _ = predict_proba(model, bags, val_idx, device)
             record["val_loss"] = weighted_nll(proba, y[val_idx], w)

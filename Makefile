@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch/torchvision first, pinned to the builds this machine's pip serves from disk.
+	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/python -m pip install -q -e ".[dev,viz,lite12]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	rm -rf demo-store
+	$(BIN)/cytostore encoders
+	$(BIN)/cytostore ingest examples/chula-rbc12-sample/manifest.csv --store demo-store
+	$(BIN)/cytostore info --store demo-store
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean-demo:
+	rm -rf demo-store

@@ -1,0 +1,167 @@
+"""Ingest figures on real Chula RBC-12 cells: throughput against the bare forward,
+bytes on disk per cell against one float32 HDF5 file per slide, and peak memory
+against the number of slides.
+
+    python benchmarks/ingest_throughput.py throughput --cells 2048 --batch-size 64
+    python benchmarks/ingest_throughput.py bytes --store runs/chula12-store
+    python benchmarks/ingest_throughput.py memory --slides 10 40 160
+
+Each part prints plain lines, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from datasets import DEFAULT_DATA, chula12_rows, write_csv  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _subset(n_cells: int, data: Path) -> list[dict]:
+    rows = chula12_rows(data)
+    out, seen = [], set()
+    for r in rows:  # whole fields, in order, until n_cells
+        if len(out) >= n_cells and r["slide_id"] not in seen:
+            break
+        seen.add(r["slide_id"])
+        out.append(r)
+    return out
+
+
+def bare_forward(n_cells: int, batch_size: int, device: str) -> float:
+    """cells/s of the encoder alone on ready uint8 crops, as the ingest feeds it."""
+    from cytostore.embed import Embedder
+    from cytostore.encoders import create_encoder
+
+    enc = create_encoder()
+    emb = Embedder(enc, device=device, batch_size=batch_size)
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 255, (batch_size, enc.input_size, enc.input_size, 3), dtype=np.uint8)
+    emb(px)  # warm-up
+    n_batches = max(1, n_cells // batch_size)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        emb(px)
+    return n_batches * batch_size / (time.perf_counter() - t0)
+
+
+def throughput(args) -> dict:
+    from cytostore import IngestConfig, ingest, open_source
+
+    rows = _subset(args.cells, args.data)
+    tmp = Path(tempfile.mkdtemp())
+    manifest = write_csv(rows, tmp / "m.csv")
+    cfg = IngestConfig(batch_size=args.batch_size, workers=args.workers, device=args.device)
+    t0 = time.perf_counter()
+    report = ingest(open_source(manifest), tmp / "store", cfg)
+    wall = time.perf_counter() - t0
+    e2e = report.cells_added / wall
+    bare = bare_forward(report.cells_added, args.batch_size, args.device)
+    shutil.rmtree(tmp)
+    out = {"cells": report.cells_added, "slides": report.slides, "batch_size": args.batch_size,
+           "workers": args.workers, "device": args.device, "end_to_end_cells_s": round(e2e, 2),
+           "end_to_end_seconds": round(wall, 2), "bare_forward_cells_s": round(bare, 2),
+           "ratio": round(e2e / bare, 3)}
+    print(f"ingest end to end: {out['cells']} cells in {wall:.1f} s = {e2e:.1f} cells/s (model load included)")
+    print(f"bare forward, same encoder and batch size: {bare:.1f} cells/s")
+    print(f"ratio end-to-end / bare forward: {out['ratio']:.3f}")
+    return out
+
+
+def _live_bytes(table_uri: str) -> int:
+    import lance
+
+    ds = lance.dataset(table_uri)
+    total = 0
+    for frag in ds.get_fragments():
+        for f in frag.data_files():
+            total += (Path(table_uri) / "data" / f.path).stat().st_size
+    return total
+
+
+def bytes_per_cell(args) -> dict:
+    import h5py
+
+    from cytostore import CellStore
+
+    store = CellStore.open(args.store)
+    table = store.resolve()
+    uri = f"{store.root}/cells.{table}.lance"
+    live = _live_bytes(uri)
+    cells = store.cells(columns=["slide_id", "x", "y", "embedding"])
+    n, dim = cells.num_rows, cells.schema.field("embedding").type.list_size
+    thumbs = store.cells(columns=["thumbnail"]).column("thumbnail")
+    thumb_bytes = sum(len(b) for b in thumbs.to_pylist())
+    tmp = Path(tempfile.mkdtemp())
+    from cytostore.store import embedding_matrix
+
+    emb = embedding_matrix(cells.column("embedding")).astype(np.float32)
+    slides = np.asarray(cells.column("slide_id").to_pylist())
+    xy = np.stack([cells.column("x").to_numpy(), cells.column("y").to_numpy()], 1).astype(np.int64)
+    for s in np.unique(slides):
+        m = slides == s
+        with h5py.File(tmp / f"{s}.h5", "w") as fh:  # the TRIDENT / CLAM layout
+            fh.create_dataset("features", data=emb[m])
+            fh.create_dataset("coords", data=xy[m])
+    h5 = sum(p.stat().st_size for p in tmp.iterdir())
+    shutil.rmtree(tmp)
+    out = {"cells": n, "dim": dim, "store_bytes_per_cell": round(live / n, 1),
+           "thumbnail_bytes_per_cell": round(thumb_bytes / n, 1),
+           "store_bytes_per_cell_without_thumbnails": round((live - thumb_bytes) / n, 1),
+           "hdf5_float32_bytes_per_cell": round(h5 / n, 1), "hdf5_files": int(len(np.unique(slides)))}
+    print(f"{n} cells, dim {dim}: store {out['store_bytes_per_cell']} B/cell "
+          f"({out['thumbnail_bytes_per_cell']} of it the JPEG thumbnail; "
+          f"{out['store_bytes_per_cell_without_thumbnails']} without), "
+          f"one float32 HDF5 per slide: {out['hdf5_float32_bytes_per_cell']} B/cell in {out['hdf5_files']} files")
+    return out
+
+
+def memory(args) -> dict:
+    results = []
+    for n_slides in args.slides:
+        rows = chula12_rows(args.data)
+        keep = sorted({r["slide_id"] for r in rows}, key=lambda s: int(s.split("-")[1]))[:n_slides]
+        rows = [r for r in rows if r["slide_id"] in set(keep)]
+        tmp = Path(tempfile.mkdtemp())
+        manifest = write_csv(rows, tmp / "m.csv")
+        code = ("import resource,sys; from cytostore import ingest, open_source, IngestConfig; "
+                f"r = ingest(open_source({str(manifest)!r}), {str(tmp / 'store')!r}, IngestConfig(batch_size=64)); "
+                "print(r.cells_added, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+        cells, rss_kb = (int(v) for v in out.stdout.split()[-2:])
+        shutil.rmtree(tmp)
+        results.append({"slides": n_slides, "cells": cells, "peak_rss_mb": round(rss_kb / 1024, 1)})
+        print(f"{n_slides:5d} slides, {cells:6d} cells: peak RSS {rss_kb / 1024:.0f} MB")
+    return {"memory": results}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["throughput", "bytes", "memory"])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--cells", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--store", type=Path, default=REPO / "runs" / "chula12-store")
+    ap.add_argument("--slides", type=int, nargs="+", default=[10, 40, 160])
+    args = ap.parse_args()
+    out = {"throughput": throughput, "bytes": bytes_per_cell, "memory": memory}[args.part](args)
+    out["peak_rss_mb_this_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
