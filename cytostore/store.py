@@ -262,6 +262,8 @@ class CellStore:
         """Merges the small fragments that batched commits leave behind."""
         import lance
 
+        if not self.has_table(table):
+            return
         ds = lance.dataset(self._uri(CELLS_PREFIX + table))
         if len(ds.get_fragments()) > 8:
             ds.optimize.compact_files()

@@ -88,3 +88,17 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     proc.kill()
     proc.wait()
     WriterLock(tmp_path, "t").acquire(wait=True, timeout_s=10).release()
+
+
+def test_worker_processes_give_the_same_cells_and_embeddings(small_store, tmp_path):
+    from conftest import sample_rows, write_manifest
+
+    manifest = write_manifest(sample_rows(["chula-1"]), tmp_path / "m.csv")
+    report = ingest(open_source(manifest), tmp_path / "s", IngestConfig(batch_size=32, workers=2))
+    assert report.cells_added == 39 and report.cells_failed == 0
+    got_uid, got = _by_uid(tmp_path / "s")
+    ref = CellStore.open(small_store)
+    emb, keys = ref.embeddings(where="slide_id = 'chula-1'")
+    order = np.argsort(keys.column("uid").to_numpy())
+    assert np.array_equal(got_uid, keys.column("uid").to_numpy()[order])
+    assert np.array_equal(got, np.asarray(emb)[order])
