@@ -69,9 +69,9 @@ def run_chula(root: Path, limit: int | None, params: DetectorParams) -> dict:
     cls_hit = np.zeros(len(CLASSES), int)
     seconds = []
     for lab in labels:
-        rows = np.loadtxt(lab, ndmin=2)
-        if rows.size == 0:
+        if lab.stat().st_size == 0:
             continue
+        rows = np.loadtxt(lab, ndmin=2)
         image = load_rgb(root / "Dataset" / f"{lab.stem}.jpg")
         t0 = time.perf_counter()
         dets = detect_cells(image, params)

@@ -99,11 +99,15 @@ def linear_probe(store: str, encoder: str | None, seed: int) -> dict:
     out = {"cells": int(len(y)), "train_cells": int(len(tr)), "test_cells": int(len(te)),
            "train_fields": int(len(set(groups[tr]))), "test_fields": int(len(set(groups[te]))),
            "split": "GroupShuffleSplit by slide_id (field), test_size 0.2, random_state " + str(seed)}
+    from threadpoolctl import threadpool_limits
+
     for weighting in (None, "balanced"):
+        limit = threadpool_limits(limits=1)  # 2 shared cores: BLAS threads only contend
         t0 = time.perf_counter()
         scaler = StandardScaler().fit(x[tr])
         clf = LogisticRegression(C=1.0, max_iter=3000, class_weight=weighting).fit(scaler.transform(x[tr]), y[tr])
         fit_s = time.perf_counter() - t0
+        limit.restore_original_limits()
         pred = clf.predict(scaler.transform(x[te]))
         key = "probe" if weighting is None else "probe_balanced"
         out[key] = {"accuracy": round(float(accuracy_score(y[te], pred)), 4),

@@ -22,7 +22,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object as 
 def build_cmd(
     store: StoreOpt,
     encoder: EncoderOpt = None,
-    kind: Annotated[str, typer.Option(help=f"{'|'.join(KINDS)}: auto is exact below 200k cells, else OPQ+IVF-PQ "
+    kind: Annotated[str, typer.Option(help=f"{'|'.join(KINDS)}: auto is exact below 200k cells, else PCA+IVF-PQ "
                                            "with exact re-ranking.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (needs a GPU build of faiss).")] = "cpu",
     as_json: JsonOpt = False,
@@ -46,7 +46,7 @@ def build_cmd(
         emit_json(sidecar)
         return
     p = sidecar["params"]
-    extra = ", ".join(f"{k} {p[k]}" for k in ("nlist", "pq_m", "opq_dim", "nprobe", "rerank", "hnsw_m", "ef_search")
+    extra = ", ".join(f"{k} {p[k]}" for k in ("nlist", "pq_m", "reduce_dim", "nprobe", "rerank", "hnsw_m", "ef_search")
                       if k in p)
     typer.echo(f"index of table {sidecar['table']} (version {sidecar['table_version']}): {sidecar['rows']} cells, "
                f"{sidecar['kind']} [{p['factory']}{', ' + extra if extra else ''}], {sidecar['metric']}, "

@@ -1,19 +1,24 @@
-"""Classical (annotation-free) cell detector for light-microscopy blood smears.
+"""Classical, annotation-free cell detector for light-microscopy blood smears.
 
-Pipeline, per RGB field:
+Pipeline for one RGB field (pink/purple cells on a light background):
 
-1. Background colour: median colour of the brightest-in-green pixels.
-2. Foreground feature: green minus red optical density relative to the
-   background, ``log(R/R_bg) - log(G/G_bg)``. Haemoglobin absorbs green far more
-   than red, so red cells and stained nuclei are bright while the (bluish or
-   whitish) background and grey, colour-neutral artefacts (dust, lines) are dark.
-3. Gaussian smoothing, automatic threshold (Otsu by default), hole filling
-   (cells have pale centres), opening.
-4. Expected cell diameter: from the median area of compact connected
-   components, unless both diameters are fixed in :class:`DetectorParams`.
-5. Touching cells are split by a watershed on the distance transform, seeded by
-   h-maxima that lie at least a fraction of the expected diameter apart.
-6. Objects whose equivalent diameter lies outside the diameter range are dropped.
+1. Background colour: median colour of the 20 % brightest pixels in green.
+2. Optical density (OD) per channel relative to that background, smoothed.
+   The green OD is the foreground signal (haemoglobin and stained nuclei absorb
+   green). It keeps the thin gaps between touching cells, which the chroma
+   channels of a JPEG blur away.
+3. Hysteresis threshold on green OD (Otsu by default). Pixels whose hue ratio
+   ``(OD_g - OD_r) / OD_g`` is well below the typical cell value are removed:
+   colour-neutral artefacts such as dust or a dark line are grey, cells are not.
+4. Holes are filled (cells have pale centres), then a small opening is applied.
+5. Expected cell diameter: median equivalent diameter of compact components,
+   unless set in :class:`DetectorParams`. Fields with large cells are processed
+   at an integer block-mean downscale so that a cell spans ``work_diameter`` to
+   twice that many pixels, which keeps the cost per field roughly independent
+   of magnification.
+6. Components larger than a typical cell are split by a watershed on the
+   distance transform, seeded by h-maxima merged within a minimum spacing.
+7. Objects whose equivalent diameter is outside [min, max] are dropped.
 """
 
 from __future__ import annotations
@@ -27,35 +32,36 @@ from skimage import filters, morphology, segmentation
 
 @dataclass(frozen=True)
 class DetectorParams:
-    """Detector settings; 0 means "derive from the image" where noted."""
+    """Detector settings; diameters are in full-resolution pixels, 0 = automatic."""
 
-    min_diameter: float = 0.0  # px, smallest kept equivalent diameter; 0 = 0.5 x expected
-    max_diameter: float = 0.0  # px, largest kept equivalent diameter; 0 = 1.8 x expected
-    expected_diameter: float = 0.0  # px, typical cell diameter; 0 = estimated per image
-    smoothing_sigma: float = 1.0  # px, Gaussian sigma applied to the feature image
-    threshold_method: str = "otsu"  # "otsu", "li" or "triangle" on the feature image
+    min_diameter: float = 0.0  # smallest kept equivalent diameter, px; 0 = 0.5 x expected
+    max_diameter: float = 0.0  # largest kept equivalent diameter, px; 0 = 1.8 x expected
+    expected_diameter: float = 0.0  # typical cell diameter, px; 0 = estimated per image
+    work_diameter: float = 32.0  # work at integer downscale k = floor(expected / this), px
+    smoothing_sigma: float = 1.0  # Gaussian sigma on the OD image, working px; 0 = none
+    threshold_method: str = "otsu"  # "otsu", "li" or "triangle" on green OD
     threshold_scale: float = 1.0  # multiplies the automatic threshold (<1 keeps paler cells)
-    closing_radius: float = 0.0  # px, closing before hole filling (closes broken rims)
-    opening_fraction: float = 0.08  # opening disk radius as a fraction of expected diameter
-    split_touching: bool = True  # split touching cells with a distance watershed
-    min_peak_distance: float = 0.35  # watershed seed spacing, fraction of expected diameter
-    peak_prominence: float = 0.08  # seed h-maxima depth, fraction of expected diameter
-    split_area_factor: float = 1.2  # only components above this x expected area are split
-    neutral_ratio: float = 0.5  # drop grey pixels: hue below this x median cell hue
+    hysteresis: float = 0.8  # low/high ratio of the hysteresis threshold; 1 = plain threshold
+    neutral_ratio: float = 0.5  # drop grey pixels: hue ratio below this x median; 0 = off
+    opening_fraction: float = 0.08  # opening disk radius, fraction of expected diameter
+    split_touching: bool = True  # split touching cells with a distance-transform watershed
+    split_area_factor: float = 1.2  # split only components above this x expected area
+    min_peak_distance: float = 0.35  # seed spacing, fraction of expected diameter
+    peak_prominence: float = 0.02  # seed h-maxima depth, fraction of expected diameter
     exclude_border: bool = False  # drop objects touching the image border
 
 
 @dataclass(frozen=True)
 class Detection:
-    """One detected cell."""
+    """One detected cell, in full-resolution pixel coordinates."""
 
-    x: float  # centroid column, px
-    y: float  # centroid row, px
-    x0: int  # bounding box left, px (inclusive)
-    y0: int  # bounding box top, px (inclusive)
-    x1: int  # bounding box right, px (exclusive)
-    y1: int  # bounding box bottom, px (exclusive)
-    area: int  # object area, px
+    x: float  # centroid column
+    y: float  # centroid row
+    x0: int  # bounding box left (inclusive)
+    y0: int  # bounding box top (inclusive)
+    x1: int  # bounding box right (exclusive)
+    y1: int  # bounding box bottom (exclusive)
+    area: int  # object area in pixels
 
 
 _THRESHOLDS = {
@@ -69,61 +75,67 @@ def _validate(image: np.ndarray, params: DetectorParams) -> None:
     if not isinstance(image, np.ndarray):
         raise ValueError(f"image must be a numpy array, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be HxWx3 RGB, got shape {image.shape}")
+        raise ValueError(f"image must be an HxWx3 RGB array, got shape {image.shape}")
     if image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8, got dtype {image.dtype}")
-    if image.shape[0] < 8 or image.shape[1] < 8:
-        raise ValueError(f"image is empty or too small: shape {image.shape}")
+        raise ValueError(f"image must have dtype uint8, got {image.dtype}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image is empty: shape {image.shape}")
     if params.threshold_method not in _THRESHOLDS:
         raise ValueError(
-            f"threshold_method must be one of {sorted(_THRESHOLDS)}, "
-            f"got {params.threshold_method!r}"
+            f"threshold_method must be one of {sorted(_THRESHOLDS)}, got {params.threshold_method!r}"
         )
-    if params.min_diameter < 0 or params.max_diameter < 0 or params.expected_diameter < 0:
+    if min(params.min_diameter, params.max_diameter, params.expected_diameter) < 0:
         raise ValueError("diameters must be >= 0")
     if params.max_diameter and params.min_diameter > params.max_diameter:
         raise ValueError("min_diameter must not exceed max_diameter")
+    if params.work_diameter <= 0 or not 0 < params.hysteresis <= 1:
+        raise ValueError("work_diameter must be > 0 and hysteresis in (0, 1]")
 
 
-def _optical_density(image: np.ndarray, sigma: float) -> np.ndarray:
-    """Returns HxWx3 float32 optical density relative to the background colour."""
-    rgb = image.astype(np.float32) + 1.0
+def _downscale(image: np.ndarray, k: int) -> np.ndarray:
+    """Block-mean downscaling of an HxWx3 image by an integer factor, as float32."""
+    if k == 1:
+        return image.astype(np.float32)
+    h, w = image.shape[0] // k * k, image.shape[1] // k * k
+    blocks = image[:h, :w].reshape(h // k, k, w // k, k, 3).astype(np.float32)
+    return blocks.mean(axis=(1, 3))
+
+
+def foreground_mask(rgb: np.ndarray, params: DetectorParams = DetectorParams()) -> np.ndarray:
+    """Returns the hole-filled boolean cell mask of an HxWx3 RGB image (any dtype)."""
+    rgb = np.asarray(rgb, dtype=np.float32) + 1.0
     green = rgb[..., 1]
-    bright = green >= np.percentile(green, 80)
-    background = np.median(rgb[bright], axis=0)
+    background = np.median(rgb[green >= np.percentile(green, 80)], axis=0)
     od = np.log(background / rgb)
-    if sigma > 0:
-        od = ndi.gaussian_filter(od, (sigma, sigma, 0))
-    return od
-
-
-def foreground_mask(image: np.ndarray, params: DetectorParams = DetectorParams()) -> np.ndarray:
-    """Returns the boolean cell mask before hole filling and splitting."""
-    od = _optical_density(image, params.smoothing_sigma)
-    green = od[..., 1]
-    if float(green.max()) - float(green.min()) < 1e-6:
-        return np.zeros(green.shape, dtype=bool)
-    mask = green > _THRESHOLDS[params.threshold_method](green) * params.threshold_scale
+    if params.smoothing_sigma > 0:
+        od = ndi.gaussian_filter(od, (params.smoothing_sigma, params.smoothing_sigma, 0))
+    g = od[..., 1]
+    if float(g.max()) - float(g.min()) < 1e-3:
+        return np.zeros(g.shape, dtype=bool)
+    thr = _THRESHOLDS[params.threshold_method](g) * params.threshold_scale
+    if params.hysteresis < 1:
+        mask = filters.apply_hysteresis_threshold(g, params.hysteresis * thr, thr)
+    else:
+        mask = g > thr
     if params.neutral_ratio > 0 and mask.any():
-        hue = (green - od[..., 0]) / np.maximum(green, 1e-3)
+        hue = (g - od[..., 0]) / np.maximum(g, 1e-3)
         mask &= hue > params.neutral_ratio * float(np.median(hue[mask]))
-    return mask
+    return ndi.binary_fill_holes(mask)
 
 
-def _expected_diameter(labels: np.ndarray, n: int) -> float:
-    """Median equivalent diameter of compact, non-tiny components (0 if none)."""
+def _typical_diameter(mask: np.ndarray) -> float:
+    """Median equivalent diameter of compact, non-tiny components; 0 if none."""
+    labels, n = ndi.label(mask)
     if n == 0:
         return 0.0
-    idx = np.arange(1, n + 1)
     areas = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(float)
-    slices = ndi.find_objects(labels)
-    # Fill ratio of the bounding box: ~0.785 for a disc, low for clumps.
-    box = np.array([(s[0].stop - s[0].start) * (s[1].stop - s[1].start) for s in slices])
-    extent = areas / np.maximum(box, 1)
-    keep = (extent > 0.65) & (areas >= 0.25 * np.percentile(areas, 75))
-    if not keep.any():
-        keep = idx > 0
-    return float(2.0 * np.sqrt(np.median(areas[keep]) / np.pi))
+    boxes = np.array([(s[0].stop - s[0].start) * (s[1].stop - s[1].start)
+                      for s in ndi.find_objects(labels)])
+    # Bounding-box fill ratio is ~0.79 for a disc and low for clumps; drop specks.
+    keep = (areas / boxes > 0.65) & (areas >= 0.25 * np.percentile(areas, 75))
+    chosen = areas[keep] if keep.any() else areas
+    return float(2.0 * np.sqrt(np.median(chosen) / np.pi))
+
 
 def _open(mask: np.ndarray, radius: float) -> np.ndarray:
     """Binary opening with a Euclidean disk, via two distance transforms."""
@@ -131,12 +143,11 @@ def _open(mask: np.ndarray, radius: float) -> np.ndarray:
     return ndi.distance_transform_edt(~eroded) <= radius
 
 
-def _split(labels: np.ndarray, n: int, diam: float, params: DetectorParams) -> tuple[np.ndarray, int]:
-    """Splits large components by a seeded watershed on the distance transform."""
+def _split(labels: np.ndarray, n: int, diam: float, params: DetectorParams) -> np.ndarray:
+    """Splits large components by a seeded watershed on their distance transform."""
     areas = np.bincount(labels.ravel(), minlength=n + 1)
     h = max(params.peak_prominence * diam, 0.5)
-    spacing = max(int(round(params.min_peak_distance * diam / 2)), 1)
-    merge = morphology.disk(spacing)
+    merge = morphology.disk(max(int(round(params.min_peak_distance * diam / 2)), 1))
     out = labels.copy()
     next_label = n + 1
     for lab, sl in enumerate(ndi.find_objects(labels), start=1):
@@ -151,12 +162,25 @@ def _split(labels: np.ndarray, n: int, diam: float, params: DetectorParams) -> t
             continue
         seeds[~peaks] = 0
         split = segmentation.watershed(-dist, seeds, mask=comp)
-        view = out[sl]
-        view[comp] = np.where(split[comp] > 0, split[comp] + next_label - 1, 0)
+        out[sl][comp] = np.where(split[comp] > 0, split[comp] + (next_label - 1), 0)
         next_label += k
-    out, _, _ = segmentation.relabel_sequential(out)
-    return out, int(out.max())
+    return out
 
+
+def _scale_and_diameter(image: np.ndarray, params: DetectorParams) -> tuple[int, float, np.ndarray | None]:
+    """Returns (working factor, expected diameter in full px, mask at that factor or None)."""
+    diam = params.expected_diameter
+    if diam <= 0 and params.min_diameter > 0 and params.max_diameter > 0:
+        diam = 0.5 * (params.min_diameter + params.max_diameter)
+    mask, probe = None, 1
+    if diam <= 0:
+        # Probe on a block-mean thumbnail whose long side is about 640 px.
+        probe = max(1, max(image.shape[:2]) // 640)
+        mask = foreground_mask(_downscale(image, probe), params)
+        diam = _typical_diameter(mask) * probe
+    k = max(1, int(diam // params.work_diameter)) if diam > 0 else 1
+    k = min(k, max(1, min(image.shape[:2]) // 8))
+    return k, diam, mask if k == probe else None
 
 
 def detect_cells(image: np.ndarray, params: DetectorParams = DetectorParams()) -> list[Detection]:
@@ -167,56 +191,53 @@ def detect_cells(image: np.ndarray, params: DetectorParams = DetectorParams()) -
         params: Detector settings.
 
     Returns:
-        Detections sorted by rounded (y, x); deterministic for a given input.
+        Detections sorted by rounded (y, x), then area; deterministic.
 
     Raises:
         ValueError: If the image is not a non-empty HxWx3 uint8 array or the
-            parameters are inconsistent.
+            parameters are invalid.
     """
     _validate(image, params)
-    mask = foreground_mask(image, params)
-    if params.closing_radius > 0:
-        mask = ~_open(~mask, params.closing_radius)
-    mask = ndi.binary_fill_holes(mask)
-    labels, n = ndi.label(mask)
-    diam = params.expected_diameter
-    if diam <= 0:
-        if params.min_diameter > 0 and params.max_diameter > 0:
-            diam = 0.5 * (params.min_diameter + params.max_diameter)
-        else:
-            diam = _expected_diameter(labels, n)
-    if diam <= 0:
+    k, diam_full, mask = _scale_and_diameter(image, params)
+    if diam_full <= 0:
         return []
-
-    radius = params.opening_fraction * diam
-    if radius >= 1:
-        mask = _open(mask, radius)
-    min_d = params.min_diameter or 0.5 * diam
-    max_d = params.max_diameter or 1.8 * diam
-    min_area = np.pi / 4 * min_d**2
-    max_area = np.pi / 4 * max_d**2
+    if mask is None:
+        mask = foreground_mask(_downscale(image, k), params)
+    diam = diam_full / k
+    if params.opening_fraction * diam >= 1:
+        mask = _open(mask, params.opening_fraction * diam)
     labels, n = ndi.label(mask)
     if n == 0:
         return []
     if params.split_touching:
-        labels, n = _split(labels, n, diam, params)
+        labels = _split(labels, n, diam, params)
+        labels, _, _ = segmentation.relabel_sequential(labels)
+        n = int(labels.max())
+
+    min_d = (params.min_diameter or 0.5 * diam_full) / k
+    max_d = (params.max_diameter or 1.8 * diam_full) / k
     areas = np.bincount(labels.ravel(), minlength=n + 1)
-    idx = np.arange(n + 1)
-    ok = (areas >= min_area) & (areas <= max_area) & (idx > 0)
-    if not ok.any():
-        return []
-    slices = ndi.find_objects(labels)
+    ok = (areas >= np.pi / 4 * min_d**2) & (areas <= np.pi / 4 * max_d**2)
+    ok[0] = False
     keep = np.flatnonzero(ok)
-    cy = ndi.sum_labels(np.arange(labels.shape[0])[:, None] * np.ones_like(labels), labels, keep)
-    cx = ndi.sum_labels(np.arange(labels.shape[1])[None, :] * np.ones_like(labels), labels, keep)
-    h, w = labels.shape
+    if keep.size == 0:
+        return []
+    rows, cols = np.indices(labels.shape, dtype=np.float64)
+    cy = ndi.sum_labels(rows, labels, keep) / areas[keep]
+    cx = ndi.sum_labels(cols, labels, keep) / areas[keep]
+    slices = ndi.find_objects(labels)
+    height, width = image.shape[:2]
+    hw, ww = labels.shape
     out = []
-    for k, lab in enumerate(keep):
-        sl = slices[lab - 1]
-        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
-        if params.exclude_border and (y0 == 0 or x0 == 0 or y1 == h or x1 == w):
+    for lab, y, x in zip(keep, cy, cx):
+        ys, xs = slices[lab - 1]
+        if params.exclude_border and (ys.start == 0 or xs.start == 0 or ys.stop == hw or xs.stop == ww):
             continue
-        a = int(areas[lab])
-        out.append(Detection(float(cx[k] / a), float(cy[k] / a), x0, y0, x1, y1, a))
+        # Working pixel (r, c) covers full-res rows r*k .. r*k+k-1.
+        y1 = height if ys.stop == hw else ys.stop * k
+        x1 = width if xs.stop == ww else xs.stop * k
+        out.append(Detection(x=float((x + 0.5) * k - 0.5), y=float((y + 0.5) * k - 0.5),
+                             x0=int(xs.start * k), y0=int(ys.start * k), x1=int(x1), y1=int(y1),
+                             area=int(areas[lab]) * k * k))
     out.sort(key=lambda d: (round(d.y), round(d.x), d.area))
     return out

@@ -39,7 +39,8 @@ class IndexParams:
     exact_max: int = 200_000  # auto picks exact search below this many cells
     nlist: int = 0  # IVF lists; 0 = about 4 sqrt(N), a power of two
     pq_m: int = 64  # PQ sub-quantizers = bytes per vector
-    opq_dim: int = 256  # OPQ rotation output dimension (capped by the input dimension)
+    transform: str = "pca"  # before IVF-PQ: pca (PCA + random rotation), opq (slow to train) or none
+    reduce_dim: int = 256  # output dimension of that transform (capped by the input dimension)
     nprobe: int = 0  # IVF lists probed per query; 0 = tuned at build to reach target_recall
     rerank: int = 100  # IVF-PQ candidates re-ranked exactly from the stored vectors (at least k)
     hnsw_m: int = 32  # HNSW graph degree
@@ -87,7 +88,9 @@ def resolve_kind(kind: str, n: int, params: IndexParams = IndexParams()) -> str:
 
 
 def _ivfpq_layout(dim: int, n: int, n_train: int, p: IndexParams) -> dict[str, Any]:
-    out_dim = min(p.opq_dim, dim)
+    if p.transform not in {"pca", "opq", "none"}:
+        raise InputError(f"unknown transform {p.transform!r}; use pca, opq or none")
+    out_dim = dim if p.transform == "none" else min(p.reduce_dim, dim)
     m = max(1, min(p.pq_m, out_dim))
     while out_dim % m:  # PQ needs the rotated dimension to split evenly
         m -= 1
@@ -95,8 +98,10 @@ def _ivfpq_layout(dim: int, n: int, n_train: int, p: IndexParams) -> dict[str, A
     nlist = p.nlist or int(2 ** round(np.log2(max(4 * np.sqrt(n), 16))))
     nlist = int(max(1, min(nlist, n_train // 39, 65_536)))
     nbits = int(min(8, max(4, np.floor(np.log2(max(n_train / 39, 16))))))
-    factory = f"OPQ{m}_{out_dim},IVF{nlist},PQ{m}x{nbits}"
-    return {"factory": factory, "opq_dim": out_dim, "pq_m": m, "pq_nbits": nbits, "nlist": nlist}
+    prefix = {"pca": f"PCAR{out_dim},", "opq": f"OPQ{m}_{out_dim},", "none": ""}[p.transform]
+    factory = f"{prefix}IVF{nlist},PQ{m}x{nbits}"
+    return {"factory": factory, "transform": p.transform, "reduce_dim": out_dim, "pq_m": m, "pq_nbits": nbits,
+            "nlist": nlist}
 
 
 def new_index(kind: str, dim: int, n: int, n_train: int, params: IndexParams = IndexParams()):

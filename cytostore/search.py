@@ -190,7 +190,7 @@ def embed_image(bound: BoundIndex, path: str | Path, x: float | None = None, y: 
             f"({enc_prov.get('weights_source')}) but encoder {encoder.name!r} here has {encoder.weights_sha256[:16]}...; "
             "install the same weights, or query by --vector / --cell instead")
     pixels = resize(crop, encoder.input_size, encoder.interpolation)
-    vec = Embedder(encoder, device=device, batch_size=1)(pixels[None])[0]
+    vec = Embedder(encoder, device=device, batch_size=1)(np.array(pixels[None]))[0]  # writable copy for torch
     return vec, crop
 
 

@@ -89,6 +89,25 @@ def test_padding_with_junk_equals_unpadded(kind, norm):
                 assert torch.isclose(attn[i].sum(), torch.tensor(1.0))
 
 
+def test_chunked_float16_inference_equals_whole(monkeypatch):
+    import torch
+
+    from cytostore.mil import models
+
+    torch.manual_seed(0)
+    model = models.build_model(models.ModelConfig(kind="abmil", in_dim=12, n_classes=2, hidden=16, attn_dim=8)).eval()
+    bags = [torch.randn(n, 12).half() for n in (23, 7)]
+    x32, mask = models.pad_bags(bags)
+    ref_logits, ref_attn = model(x32, mask)  # autograd on: one pass over all cells
+    monkeypatch.setattr(models, "INFER_CHUNK", 4)
+    x16, mask16 = models.pad_bags(bags, dtype=None)
+    assert x16.dtype == torch.float16
+    with torch.inference_mode():
+        logits, attn = model(x16, mask16)  # no autograd: 4-cell chunks
+    torch.testing.assert_close(logits, ref_logits.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attn, ref_attn.detach(), atol=1e-6, rtol=1e-5)
+
+
 # -- folds --------------------------------------------------------------------
 def _grouped_labels(n: int = 40, seed: int = 0) -> SlideLabels:
     rng = np.random.default_rng(seed)
@@ -234,3 +253,12 @@ def test_predict_refuses_other_encoder(syn, trained, tmp_path):
     assert res.exit_code == 2
     assert "encoder.name: model trained on 'synthetic', table has 'efficientnet_lite0'" in res.output
     assert predict(store, out).table == "synthetic"  # default: the table the model was trained on
+
+
+@pytest.mark.gpu
+def test_train_and_predict_on_cuda(syn, tmp_path):
+    cfg = TrainConfig(**{**FAST.to_dict(), "device": "cuda"})
+    rep = train_mil(syn["store"], syn["labels"], tmp_path / "m", cfg, folds=3)
+    assert len(rep.folds) == 3
+    preds = predict(syn["store"], tmp_path / "m", device="cuda")
+    np.testing.assert_allclose(preds.proba.sum(1), 1.0, atol=1e-4)

@@ -18,6 +18,7 @@ from cytostore.errors import StoreError
 from cytostore.store import CellStore, embedding_matrix
 
 DEFAULT_CACHE_BYTES = 2 * 1024**3  # bags are cached in RAM when their stored bytes fit under this
+READ_BATCH = 8192  # rows per Lance batch when a bag is streamed
 
 
 def sql_quote(value: str) -> str:
@@ -98,14 +99,35 @@ class BagSet:
         return [s for s in self.slide_ids if not self.sizes.get(s)]
 
     def read(self, slide_id: str) -> Bag:
-        """Reads one bag from the table (the streaming path)."""
+        """Reads one bag from the table (the streaming path).
+
+        Two ordered scans: the uids first, then the embeddings batch by batch,
+        each row written straight to its sorted place, so the bag is held once.
+        """
+        where = slides_filter([slide_id], self.where)
         try:
-            t = self._ds.to_table(columns=["uid", "embedding"], filter=slides_filter([slide_id], self.where))
+            uids = self._ds.to_table(columns=["uid"], filter=where).column("uid").to_numpy()
+            order = np.argsort(uids, kind="stable")
+            rank = np.empty_like(order)
+            rank[order] = np.arange(len(order))
+            value_type = self._ds.schema.field("embedding").type.value_type
+            out = np.empty((len(uids), self.dim), dtype=value_type.to_pandas_dtype())
+            start = 0
+            for batch in self._ds.to_batches(columns=["embedding"], filter=where, batch_size=READ_BATCH,
+                                             scan_in_order=True):
+                n = batch.num_rows
+                if start + n > len(uids):
+                    raise StoreError("the table changed while it was read")
+                out[rank[start:start + n]] = embedding_matrix(batch.column("embedding"))
+                start += n
+        except StoreError:
+            raise
         except Exception as e:
             raise StoreError(f"cannot read the cells of slide {slide_id!r} from table {self.table!r}: {e}") from e
-        uids = t.column("uid").to_numpy()
-        order = np.argsort(uids, kind="stable")
-        return Bag(slide_id, embedding_matrix(t.column("embedding"))[order], uids[order])
+        if start != len(uids):
+            raise StoreError(f"slide {slide_id!r}: read {start} embeddings for {len(uids)} uids; the table changed "
+                             "while it was read, run again")
+        return Bag(slide_id, out, uids[order])
 
     def _count(self) -> dict[str, int]:
         try:
@@ -142,12 +164,15 @@ class BagSet:
 
 
 def store_slide_labels(store: CellStore, table: str) -> dict[str, str | None]:
-    """slide id -> its ``slide_label`` (first non-null value; None when unlabelled)."""
+    """slide id -> its ``slide_label`` (the smallest non-null value; None when unlabelled)."""
+    import pyarrow.compute as pc
+
     t = store.cells(columns=["slide_id", "slide_label"], encoder=table)
-    out: dict[str, str | None] = {}
-    for s, lab in zip(t.column("slide_id").to_pylist(), t.column("slide_label").to_pylist()):
-        if out.get(s) is None:
-            out[s] = lab
+    out: dict[str, str | None] = {s: None for s in pc.unique(t.column("slide_id")).to_pylist()}
+    pairs = t.filter(pc.is_valid(t.column("slide_label"))).group_by(["slide_id", "slide_label"]).aggregate([])
+    for s, lab in sorted(zip(pairs.column("slide_id").to_pylist(), pairs.column("slide_label").to_pylist()),
+                         reverse=True):
+        out[s] = lab
     return out
 
 

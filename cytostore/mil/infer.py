@@ -150,7 +150,7 @@ def _explain(store_path, model_dir, slide_id, table, device) -> Explanation:
     t = t.take(pa.array(order))
     dev = torch.device(resolve_device(device))
     module = model.module.to(dev)
-    x, mask = pad_bags([torch.from_numpy(np.array(embedding_matrix(t.column("embedding"))))])
+    x, mask = pad_bags([torch.from_numpy(np.array(embedding_matrix(t.column("embedding"))))], dtype=None)
     with torch.inference_mode():
         logits, attn = module(x.to(dev), mask.to(dev))
     proba = torch.softmax(logits.float(), 1)[0].cpu().numpy()

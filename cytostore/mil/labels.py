@@ -68,7 +68,8 @@ def read_labels_file(path: str | Path) -> SlideLabels:
             table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
                 column_types={n: pa.string() for n in names}, strings_can_be_null=True))
     except Exception as e:
-        raise InputError(f"labels file {path}: cannot read it as {'Parquet' if path.suffix.lower() in {'.parquet', '.pq'} else 'CSV'} ({e})") from e
+        kind = "Parquet" if path.suffix.lower() in {".parquet", ".pq"} else "CSV"
+        raise InputError(f"labels file {path}: cannot read it as {kind} ({e})") from e
     missing = [c for c in ("slide_id", "label") if c not in table.column_names]
     if missing:
         raise InputError(f"labels file {path} lacks column(s) {missing}; it has {table.column_names} "
@@ -145,4 +146,5 @@ def check_cross_validatable(labels: SlideLabels, folds: int) -> None:
                              "it cannot be cross-validated without splitting the patient; add another patient")
     n_groups = len(set(labels.patients))
     if n_groups < folds:
-        raise InputError(f"{folds} folds asked for but only {n_groups} slides/patients are labelled; use --folds {n_groups} or fewer")
+        raise InputError(f"{folds} folds asked for but only {n_groups} slides/patients are labelled; "
+                         f"use --folds {n_groups} or fewer")

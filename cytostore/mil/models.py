@@ -16,6 +16,7 @@ from torch import nn
 from cytostore.errors import InputError
 
 INPUT_NORMS = ("none", "standardize", "layernorm")  # standardize: by the training cells' mean and std
+INFER_CHUNK = 8192  # cells projected at once at inference
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,19 @@ class _Head(nn.Module):
         self.feat_scale.copy_(1.0 / std.clamp_min(1e-3))
 
     def embed(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) cells -> (B, N, hidden); padded rows come out as finite values."""
-        x = torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        """(B, N, D) cells (any float dtype) -> (B, N, hidden) float32; padded rows come out finite.
+
+        Without autograd (inference) the cells go through in chunks, so a 100k-cell
+        bag never exists as float32 temporaries of its full size.
+        """
+        n = x.shape[1]
+        if torch.is_grad_enabled() or n <= INFER_CHUNK:
+            return self._embed(x, mask)
+        return torch.cat([self._embed(x[:, i:i + INFER_CHUNK], mask[:, i:i + INFER_CHUNK])
+                          for i in range(0, n, INFER_CHUNK)], dim=1)
+
+    def _embed(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = torch.where(mask.unsqueeze(-1), x.float(), torch.zeros((), dtype=torch.float32, device=x.device))
         if self.cfg.input_norm == "standardize":
             x = (x - self.feat_mean) * self.feat_scale
         return self.project(self.norm(x))
@@ -105,13 +117,21 @@ def build_model(cfg: ModelConfig) -> _Head:
     return MODELS[cfg.kind](cfg)
 
 
-def pad_bags(bags: list[torch.Tensor], fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacks (n_i, D) bags into (B, max n, D) with a (B, max n) mask of real cells."""
+def pad_bags(bags: list[torch.Tensor], fill: float = 0.0,
+             dtype: torch.dtype | None = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacks (n_i, D) bags into (B, max n, D) with a (B, max n) mask of real cells.
+
+    ``dtype=None`` keeps the bags' dtype (float16 stays float16; the model casts
+    in chunks); a single bag is then a view, not a copy.
+    """
+    dtype = dtype or bags[0].dtype
+    if len(bags) == 1 and bags[0].dtype == dtype:
+        return bags[0].unsqueeze(0), torch.ones((1, bags[0].shape[0]), dtype=torch.bool)
     n = max(int(b.shape[0]) for b in bags)
     dim = int(bags[0].shape[1])
-    x = torch.full((len(bags), n, dim), fill, dtype=torch.float32)
+    x = torch.full((len(bags), n, dim), fill, dtype=dtype)
     mask = torch.zeros((len(bags), n), dtype=torch.bool)
     for i, b in enumerate(bags):
-        x[i, : b.shape[0]] = b.float()
+        x[i, : b.shape[0]] = b.to(dtype)
         mask[i, : b.shape[0]] = True
     return x, mask

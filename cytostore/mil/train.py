@@ -89,10 +89,12 @@ def input_stats(bags: BagSet, indices: Sequence[int]) -> tuple[np.ndarray, np.nd
     sq = np.zeros(bags.dim)
     n = 0
     for i in indices:
-        f = bags[i].features.astype(np.float64)
-        total += f.sum(0)
-        sq += (f * f).sum(0)
-        n += len(f)
+        feats = bags[int(i)].features
+        for start in range(0, len(feats), 8192):  # float64 copies of a chunk, never of a whole big bag
+            f = feats[start:start + 8192].astype(np.float64)
+            total += f.sum(0)
+            sq += (f * f).sum(0)
+        n += len(feats)
     mean = total / max(n, 1)
     std = np.sqrt(np.maximum(sq / max(n, 1) - mean * mean, 0.0))
     return mean, std
@@ -111,7 +113,7 @@ def predict_proba(model, bags: BagSet, indices: Sequence[int], device) -> tuple[
     def flush() -> None:
         if not group:
             return
-        x, mask = pad_bags([torch.from_numpy(np.asarray(f)) for f in group])
+        x, mask = pad_bags([torch.from_numpy(np.asarray(f)) for f in group], dtype=None)
         with torch.inference_mode():
             logits, attn = model(x.to(device), mask.to(device))
         probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
