@@ -24,7 +24,8 @@ def build_cmd(
     encoder: EncoderOpt = None,
     kind: Annotated[str, typer.Option(help=f"{'|'.join(KINDS)}: auto is exact below 200k cells, else PCA+IVF-PQ "
                                            "with exact re-ranking.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda (needs a GPU build of faiss).")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (cuda needs a GPU build of faiss; else the CPU, "
+                                              "with a note).")] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Build (or rebuild) the index of a cell table, beside it in STORE/indexes/."""

@@ -7,7 +7,8 @@ Pipeline for one RGB field (pink/purple cells on a light background):
    The green OD is the foreground signal (haemoglobin and stained nuclei absorb
    green). It keeps the thin gaps between touching cells, which the chroma
    channels of a JPEG blur away.
-3. Hysteresis threshold on green OD (Otsu by default). Pixels whose hue ratio
+3. Hysteresis threshold on green OD (Otsu by default, never below
+   ``min_contrast`` so an empty background yields nothing). Pixels whose hue ratio
    ``(OD_g - OD_r) / OD_g`` is well below the typical cell value are removed:
    colour-neutral artefacts such as dust or a dark line are grey, cells are not.
 4. Holes are filled (cells have pale centres), then a small opening is applied.
@@ -41,6 +42,7 @@ class DetectorParams:
     smoothing_sigma: float = 1.0  # Gaussian sigma on the OD image, working px; 0 = none
     threshold_method: str = "otsu"  # "otsu", "li" or "triangle" on green OD
     threshold_scale: float = 1.0  # multiplies the automatic threshold (<1 keeps paler cells)
+    min_contrast: float = 0.05  # threshold floor in green OD, so blank background finds nothing
     hysteresis: float = 0.8  # low/high ratio of the hysteresis threshold; 1 = plain threshold
     neutral_ratio: float = 0.5  # drop grey pixels: hue ratio below this x median; 0 = off
     opening_fraction: float = 0.08  # opening disk radius, fraction of expected diameter
@@ -61,7 +63,7 @@ class Detection:
     y0: int  # bounding box top (inclusive)
     x1: int  # bounding box right (exclusive)
     y1: int  # bounding box bottom (exclusive)
-    area: int  # object area in pixels
+    area: int  # object area in pixels (a multiple of k*k when worked at downscale k)
 
 
 _THRESHOLDS = {
@@ -72,6 +74,7 @@ _THRESHOLDS = {
 
 
 def _validate(image: np.ndarray, params: DetectorParams) -> None:
+    """Raises ValueError for a malformed image or inconsistent parameters."""
     if not isinstance(image, np.ndarray):
         raise ValueError(f"image must be a numpy array, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3:
@@ -82,7 +85,8 @@ def _validate(image: np.ndarray, params: DetectorParams) -> None:
         raise ValueError(f"image is empty: shape {image.shape}")
     if params.threshold_method not in _THRESHOLDS:
         raise ValueError(
-            f"threshold_method must be one of {sorted(_THRESHOLDS)}, got {params.threshold_method!r}"
+            f"threshold_method must be one of {sorted(_THRESHOLDS)}, "
+            f"got {params.threshold_method!r}"
         )
     if min(params.min_diameter, params.max_diameter, params.expected_diameter) < 0:
         raise ValueError("diameters must be >= 0")
@@ -97,8 +101,11 @@ def _downscale(image: np.ndarray, k: int) -> np.ndarray:
     if k == 1:
         return image.astype(np.float32)
     h, w = image.shape[0] // k * k, image.shape[1] // k * k
-    blocks = image[:h, :w].reshape(h // k, k, w // k, k, 3).astype(np.float32)
-    return blocks.mean(axis=(1, 3))
+    total = np.zeros((h // k, w // k, 3), np.float32)
+    for dy in range(k):
+        for dx in range(k):
+            total += image[dy:h:k, dx:w:k]
+    return total / (k * k)
 
 
 def foreground_mask(rgb: np.ndarray, params: DetectorParams = DetectorParams()) -> np.ndarray:
@@ -110,16 +117,18 @@ def foreground_mask(rgb: np.ndarray, params: DetectorParams = DetectorParams()) 
     if params.smoothing_sigma > 0:
         od = ndi.gaussian_filter(od, (params.smoothing_sigma, params.smoothing_sigma, 0))
     g = od[..., 1]
-    if float(g.max()) - float(g.min()) < 1e-3:
+    if float(g.max()) - float(g.min()) < 1e-3 or float(g.max()) <= params.min_contrast:
         return np.zeros(g.shape, dtype=bool)
-    thr = _THRESHOLDS[params.threshold_method](g) * params.threshold_scale
+    thr = max(_THRESHOLDS[params.threshold_method](g) * params.threshold_scale, params.min_contrast)
     if params.hysteresis < 1:
         mask = filters.apply_hysteresis_threshold(g, params.hysteresis * thr, thr)
     else:
         mask = g > thr
     if params.neutral_ratio > 0 and mask.any():
         hue = (g - od[..., 0]) / np.maximum(g, 1e-3)
-        mask &= hue > params.neutral_ratio * float(np.median(hue[mask]))
+        typical = float(np.median(hue[mask]))
+        if typical > 0.1:  # skip on grey-level images, where cells are neutral too
+            mask &= hue > params.neutral_ratio * typical
     return ndi.binary_fill_holes(mask)
 
 
@@ -135,12 +144,6 @@ def _typical_diameter(mask: np.ndarray) -> float:
     keep = (areas / boxes > 0.65) & (areas >= 0.25 * np.percentile(areas, 75))
     chosen = areas[keep] if keep.any() else areas
     return float(2.0 * np.sqrt(np.median(chosen) / np.pi))
-
-
-def _open(mask: np.ndarray, radius: float) -> np.ndarray:
-    """Binary opening with a Euclidean disk, via two distance transforms."""
-    eroded = ndi.distance_transform_edt(mask) > radius
-    return ndi.distance_transform_edt(~eroded) <= radius
 
 
 def _split(labels: np.ndarray, n: int, diam: float, params: DetectorParams) -> np.ndarray:
@@ -167,7 +170,9 @@ def _split(labels: np.ndarray, n: int, diam: float, params: DetectorParams) -> n
     return out
 
 
-def _scale_and_diameter(image: np.ndarray, params: DetectorParams) -> tuple[int, float, np.ndarray | None]:
+def _scale_and_diameter(
+    image: np.ndarray, params: DetectorParams
+) -> tuple[int, float, np.ndarray | None]:
     """Returns (working factor, expected diameter in full px, mask at that factor or None)."""
     diam = params.expected_diameter
     if diam <= 0 and params.min_diameter > 0 and params.max_diameter > 0:
@@ -204,8 +209,9 @@ def detect_cells(image: np.ndarray, params: DetectorParams = DetectorParams()) -
     if mask is None:
         mask = foreground_mask(_downscale(image, k), params)
     diam = diam_full / k
-    if params.opening_fraction * diam >= 1:
-        mask = _open(mask, params.opening_fraction * diam)
+    radius = int(round(params.opening_fraction * diam))
+    if radius >= 1:
+        mask = ndi.binary_opening(mask, morphology.disk(radius))
     labels, n = ndi.label(mask)
     if n == 0:
         return []
@@ -231,7 +237,8 @@ def detect_cells(image: np.ndarray, params: DetectorParams = DetectorParams()) -
     out = []
     for lab, y, x in zip(keep, cy, cx):
         ys, xs = slices[lab - 1]
-        if params.exclude_border and (ys.start == 0 or xs.start == 0 or ys.stop == hw or xs.stop == ww):
+        on_border = ys.start == 0 or xs.start == 0 or ys.stop == hw or xs.stop == ww
+        if params.exclude_border and on_border:
             continue
         # Working pixel (r, c) covers full-res rows r*k .. r*k+k-1.
         y1 = height if ys.stop == hw else ys.stop * k

@@ -173,8 +173,12 @@ def fill_index(kind: str, dim: int, n: int, batches: Callable[[], Iterable[tuple
             info["notes"].append("--device cuda: this faiss build has no GPU support or sees no GPU "
                                  "(pip install faiss-gpu-cu12); built on the CPU")
         else:
-            res = faiss.StandardGpuResources()
-            work = faiss.index_cpu_to_gpu(res, 0, index)
+            try:
+                res = faiss.StandardGpuResources()
+                work = faiss.index_cpu_to_gpu(res, 0, index)
+            except Exception as e:  # e.g. a layout this faiss cannot move to the GPU
+                res, work = None, index
+                info["notes"].append(f"--device cuda: faiss could not move this index to the GPU ({e}); built on the CPU")
     info["device"] = "cuda" if res is not None else "cpu"
     tune = kind != "flat" and train is not None and len(train[1]) > 1
     truth = _TopK(train[1][: params.tune_queries], 11) if tune else None

@@ -149,13 +149,24 @@ def load_map_data(store: CellStore | str | Path, color_by: str = "label", where:
     coords = compute_umap(s, table, params=params or UmapParams(seed=seed), force=force, progress=progress)
     meta = schema.read_metadata(coords.schema)
 
+    # Colours are resolved on every matching cell before sampling, so a category keeps
+    # its colour (ranked by count) whatever --sample draws.
+    all_uid = cells.column("uid").to_numpy()
+    if spec.prediction:
+        values, categories = _categorise(_prediction_labels(s, spec.prediction, all_uid))
+    elif spec.numeric:
+        values, categories = np.asarray(cells.column(spec.column).to_numpy(zero_copy_only=False), np.float64), []
+    else:
+        values, categories = _categorise(cells.column(spec.column).to_pylist())
+
     rng = np.random.default_rng(seed)
     rows = np.arange(total)
     if sample is not None and total > sample:
         rows = np.sort(rng.choice(total, size=sample, replace=False))
     rows = rng.permutation(rows)
     cells = cells.take(pa.array(rows))
-    uid = cells.column("uid").to_numpy()
+    values = values[rows]
+    uid = all_uid[rows]
 
     c_uid = coords.column("uid").to_numpy()
     order = np.argsort(c_uid, kind="stable")
@@ -164,14 +175,6 @@ def load_map_data(store: CellStore | str | Path, color_by: str = "label", where:
         raise StoreError(f"the UMAP coordinates of {table!r} miss some cells; recompute them with --force")
     x = coords.column("umap_x").to_numpy()[pos]
     y = coords.column("umap_y").to_numpy()[pos]
-
-    if spec.prediction:
-        values, categories = _categorise(_prediction_labels(s, spec.prediction, uid))
-    elif spec.numeric:
-        raw = cells.column(spec.column).to_numpy(zero_copy_only=False)
-        values, categories = np.asarray(raw, dtype=np.float64), []
-    else:
-        values, categories = _categorise(cells.column(spec.column).to_pylist())
     labels = [MISSING if v is None else str(v) for v in cells.column("label").to_pylist()]
     return MapData(table=table, uid=uid, x=x, y=y, slide_id=cells.column("slide_id").to_pylist(),
                    cell_id=cells.column("cell_id").to_pylist(), label=labels, color=spec,

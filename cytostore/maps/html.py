@@ -140,7 +140,7 @@ for (let i = 0; i < N; i++) { x0 = Math.min(x0, D.x[i]); x1 = Math.max(x1, D.x[i
 let W = 0, H = 0, zoom = 1, panX = 0, panY = 0, hovered = -1, drawn = 0;
 const sx = new Float32Array(N), sy = new Float32Array(N), visible = new Uint8Array(N);
 let grid = new Map();
-const CELL = 8, R = 2.5, PICK = 8;
+const CELL = 8, PICK = 8;
 function base(i) {  // data -> screen, before zoom and pan
   const pad = 20, s = Math.min((W - 2 * pad) / ((x1 - x0) || 1), (H - 2 * pad) / ((y1 - y0) || 1));
   const ox = (W - s * (x1 - x0)) / 2, oy = (H - s * (y1 - y0)) / 2;
@@ -165,7 +165,7 @@ function draw() {
     const k = Math.floor(sx[i] / CELL) + "," + Math.floor(sy[i] / CELL);
     const g = grid.get(k); if (g) g.push(i); else grid.set(k, [i]);
   }
-  const r = Math.max(1, Math.min(4, R * Math.sqrt(zoom) * (N > 50000 ? 0.5 : 1)));
+  const r = Math.min(4, Math.max(1.5, Math.min(3.5, 3 * Math.sqrt(3000 / Math.max(N, 1)))) * Math.sqrt(zoom));
   for (let c = 0; c < palette.length; c++) {
     if (!byColor[c].length) continue;
     ctx.fillStyle = palette[c]; ctx.beginPath();

@@ -77,12 +77,12 @@ def render_png(data: MapData, out: str | Path, title: str | None = None, size: t
             cols = category_colors(data.categories)
             ax.scatter(data.x, data.y, s=s, c=cols[data.values], linewidths=0, rasterized=True)
             counts = np.bincount(data.values, minlength=len(data.categories))
-            shown = list(range(min(len(data.categories), MAX_LEGEND)))
+            present = [i for i in range(len(data.categories)) if counts[i]]  # ranked by count over all matching cells
             handles = [Line2D([], [], marker="o", linestyle="", markersize=6, color=cols[i],
-                              label=f"{data.categories[i]} ({counts[i]})") for i in shown]
-            if len(data.categories) > MAX_LEGEND:
-                rest = int(counts[MAX_LEGEND:].sum())
-                handles.append(Line2D([], [], linestyle="", label=f"+{len(data.categories) - MAX_LEGEND} more ({rest})"))
+                              label=f"{data.categories[i]} ({counts[i]})") for i in present[:MAX_LEGEND]]
+            if len(present) > MAX_LEGEND:
+                rest = int(sum(counts[i] for i in present[MAX_LEGEND:]))
+                handles.append(Line2D([], [], linestyle="", label=f"+{len(present) - MAX_LEGEND} more ({rest})"))
             ax.legend(handles=handles, title=data.color.by, loc="upper left", bbox_to_anchor=(1.01, 1.0),
                       fontsize=8, title_fontsize=9, frameon=False)
         ax.set_xticks([])
