@@ -119,7 +119,10 @@ def foreground_mask(rgb: np.ndarray, params: DetectorParams = DetectorParams()) 
     g = od[..., 1]
     if float(g.max()) - float(g.min()) < 1e-3 or float(g.max()) <= params.min_contrast:
         return np.zeros(g.shape, dtype=bool)
-    thr = max(_THRESHOLDS[params.threshold_method](g) * params.threshold_scale, params.min_contrast)
+    # Clip the brightest few percent first: one dark white cell or stain blob would
+    # otherwise pull the threshold above pale (hypochromic) red cells.
+    g_clip = np.minimum(g, np.percentile(g, 97))
+    thr = max(_THRESHOLDS[params.threshold_method](g_clip) * params.threshold_scale, params.min_contrast)
     if params.hysteresis < 1:
         mask = filters.apply_hysteresis_threshold(g, params.hysteresis * thr, thr)
     else:
