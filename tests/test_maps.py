@@ -113,6 +113,18 @@ def test_coordinates_stored_with_version_and_params(store):
     assert set(t.column("uid").to_pylist()) == set(s.cells(["uid"], encoder=TABLE).column("uid").to_pylist())
     assert int(np.sum(t.column("fitted").to_numpy(zero_copy_only=False))) == 200
     assert np.isfinite(t.column("umap_x").to_numpy()).all()
+    # Projected cells land beside the fitted cell they most resemble in embedding space.
+    emb, keys = s.embeddings(TABLE)
+    assert keys.column("uid").equals(t.column("uid"))
+    e = np.asarray(emb, np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    xy = np.c_[t.column("umap_x").to_numpy(), t.column("umap_y").to_numpy()]
+    fitted = t.column("fitted").to_numpy(zero_copy_only=False)
+    nearest = np.flatnonzero(fitted)[np.argmax(e[~fitted] @ e[fitted].T, axis=1)]
+    to_twin = np.linalg.norm(xy[~fitted] - xy[nearest], axis=1)
+    rng = np.random.default_rng(0)
+    random_pairs = np.linalg.norm(xy[rng.integers(0, len(xy), 500)] - xy[rng.integers(0, len(xy), 500)], axis=1)
+    assert np.median(to_twin) < 0.2 * np.median(random_pairs)
 
 
 def test_second_call_reuses_without_umap(store, monkeypatch):
@@ -145,11 +157,14 @@ def test_recomputed_after_append(store, tmp_path):
     extra = _rows(sample_rows(["chula-1"])[:10], 10_000, rng, {r["label"]: np.zeros(DIM) for r in sample_rows(FIELDS)},
                   {"chula-1": np.zeros(DIM)})
     s.append(TABLE, extra)
+    s.delete("cell_id IN ('c1', 'c2', 'c300')", TABLE)  # row offsets shift: coordinates must follow uids
     out = compute_umap(path, TABLE, params=UmapParams(**PARAMS))
     meta = schema.read_metadata(out.schema)
-    assert meta["reused"] is False and meta["table_version"] > v0
+    assert meta["reused"] is False and meta["table_version"] == s.dataset(TABLE).version > v0
     assert out.num_rows == s.count(TABLE)
+    assert out.column("uid").to_pylist() == s.cells(["uid"], encoder=TABLE).column("uid").to_pylist()
     assert set(extra.column("uid").to_pylist()) <= set(out.column("uid").to_pylist())
+    assert np.isfinite(out.column("umap_x").to_numpy()).all()
 
 
 # -- PNG, HTML, mosaic -----------------------------------------------------------------------------
