@@ -9,8 +9,9 @@ Prints plain lines per figure and one JSON object as the last line.
    library default) against k-NN and logistic regression on the SAME episodes (`evaluate`,
    exactly what `cytostore fewshot eval` runs).
 2. Ablation of the prototype recipe on shared episodes: plain class means (euclidean) ->
-   + L2 (cosine) -> + centring by the store mean -> + power normalisation (default) ->
-   + 3 prototypes per class -> + transductive soft k-means; on balanced episodes and on
+   + L2 (cosine) -> + centring by the store mean -> + power normalisation -> + shrinkage
+   whitening by the store covariance (the default), a grid of shrinkages, and the default
+   with 3 prototypes per class or transductive soft k-means; on balanced episodes and on
    all-way episodes whose queries are every remaining labelled cell (the real imbalance).
 3. Full-data reference: a linear probe (standardised features, multinomial logistic
    regression) on the cached embeddings, split by field (slide_id groups, GroupShuffleSplit
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +35,19 @@ from cytostore.fewshot import episodes as ep
 PUBLISHED = {"model": "EfficientNet-B1, fully fine-tuned", "accuracy": 0.921, "macro_f1": 0.868,
              "source": "Naruenatthanaset et al. 2021, arXiv:2012.01321"}
 
+_BASE = PrototypeConfig(power=None, centre=False, whiten=None, l2=True)
 ABLATION = [
-    ("plain means (euclidean)", PrototypeConfig(power=None, centre=False, l2=False)),
-    ("+ L2 (cosine)", PrototypeConfig(power=None, centre=False, l2=True)),
-    ("+ centre (store mean)", PrototypeConfig(power=None, centre=True, l2=True)),
-    ("+ power 0.5", PrototypeConfig(power=0.5, centre=True, l2=True)),
-    ("+ 3 prototypes/class", PrototypeConfig(power=0.5, centre=True, l2=True, per_class=3)),
-    ("+ transductive (5 steps)", PrototypeConfig(power=0.5, centre=True, l2=True, transductive_steps=5)),
+    ("plain means (euclidean)", replace(_BASE, l2=False)),
+    ("+ L2 (cosine)", _BASE),
+    ("+ centre (store mean)", replace(_BASE, centre=True)),
+    ("+ power 0.5", replace(_BASE, centre=True, power=0.5)),
+    ("+ whitening 0.3 (default)", PrototypeConfig()),
+    ("power 0.5, L2, no centring", replace(_BASE, power=0.5)),
+    ("whitening shrinkage 1.0", PrototypeConfig(whiten=1.0)),
+    ("whitening shrinkage 0.1", PrototypeConfig(whiten=0.1)),
+    ("whitening shrinkage 0.03", PrototypeConfig(whiten=0.03)),
+    ("default + 3 prototypes/class", PrototypeConfig(per_class=3)),
+    ("default + transductive 5 steps", PrototypeConfig(transductive_steps=5)),
 ]
 
 
@@ -64,7 +72,7 @@ def ablation(store: str, settings: list[tuple[int, int, int]], episodes: int, se
     cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
     out = []
     for name, cfg in ABLATION:
-        key = (cfg.power, cfg.centre, cfg.l2)
+        key = (cfg.power, cfg.centre, cfg.whiten, cfg.whiten_rank, cfg.l2)
         if key not in cache:
             feats, labels, _ = ep.labelled_features(store, "label", encoder, cfg)
             cache[key] = (feats, labels)
@@ -76,7 +84,7 @@ def ablation(store: str, settings: list[tuple[int, int, int]], episodes: int, se
             tag = f"{len(eps[0].classes)}w{shots}s{'q' + str(queries) if queries else 'qall'}"
             row[tag] = {k: res[k] for k in ("accuracy", "ci95", "balanced_accuracy", "balanced_accuracy_ci95")}
         out.append(row)
-        print(f"{name:<26} " + "  ".join(
+        print(f"{name:<32} " + "  ".join(
             f"{k} acc {v['accuracy']:.4f}±{v['ci95']:.4f} bal {v['balanced_accuracy']:.4f}"
             for k, v in row.items() if isinstance(v, dict) and "accuracy" in v), flush=True)
     return out

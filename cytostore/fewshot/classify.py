@@ -28,7 +28,7 @@ from cytostore.fewshot.tables import (
     as_store,
     check_name,
     load_prototypes,
-    store_mean,
+    stats_for,
     write_predictions,
     write_prototypes,
 )
@@ -59,8 +59,7 @@ def fit(store: CellStore | str | Path, support: str | Path, name: str, encoder: 
     ds = s.dataset(table)
     prov = s.provenance(table)
     sup = read_support(support, s, table)
-    mean = store_mean(s, table, config.power) if config.centre else None
-    transform = make_transform(config, mean)
+    transform = make_transform(config, stats_for(s, table, config))
     protos = build_prototypes(transform(sup.embeddings), sup.labels, config)
     counts = {c: int(n) for c, n in sorted(Counter(sup.labels.tolist()).items())}
     metadata = {

@@ -11,7 +11,7 @@ import numpy as np
 
 from cytostore.errors import InputError, StoreError
 from cytostore.fewshot.prototypes import PrototypeConfig, classify, make_transform
-from cytostore.fewshot.tables import as_store, store_mean
+from cytostore.fewshot.tables import as_store, stats_for
 from cytostore.store import CellStore
 
 BASELINES = ("knn", "logistic_regression")
@@ -181,7 +181,8 @@ def labelled_features(store: CellStore | str | Path, label_column: str = "label"
                       config: PrototypeConfig = PrototypeConfig()) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Transformed features and labels of every labelled cell, plus what was used.
 
-    The centring mean is that of every cell of the table, labelled or not (no label is used).
+    The centring mean and the whitening come from every cell of the table, labelled or not
+    (no label is used).
     """
     s = as_store(store)
     table = s.resolve(encoder)
@@ -190,8 +191,7 @@ def labelled_features(store: CellStore | str | Path, label_column: str = "label"
         raise StoreError(f"table {table!r} has no column {label_column!r}; it has {names}")
     emb, keys = s.embeddings(table, where=f"`{label_column}` IS NOT NULL", columns=("uid", label_column))
     labels = np.array([str(v) for v in keys.column(label_column).to_pylist()], dtype=object)
-    mean = store_mean(s, table, config.power) if config.centre else None
-    feats = make_transform(config, mean)(emb)
+    feats = make_transform(config, stats_for(s, table, config))(emb)
     return feats, labels, {"table": table, "encoder": s.provenance(table).get("encoder", {}).get("name"),
                            "labelled_cells": int(len(labels))}
 

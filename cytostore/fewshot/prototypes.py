@@ -23,11 +23,19 @@ class PrototypeConfig:
 
     power: float | None = 0.5  # x -> sign(x)|x|^power before centring; None = off
     centre: bool = True  # subtract the store mean (of the powered features)
+    whiten: float | None = 0.3  # shrinkage whitening by the store covariance: eigenvalues + whiten * largest; None = off
+    whiten_rank: int = 64  # leading eigenvectors kept; the rest are scaled alike (exact enough with shrinkage)
     l2: bool = True  # unit-length vectors and cosine scores; False = plain means, -euclidean
     per_class: int = 1  # prototypes per class (k-means within a class when > 1)
     transductive_steps: int = 0  # soft k-means refinement steps with the query cells
     temperature: float = 10.0  # softmax temperature (on cosines) of the refinement
     seed: int = 0  # k-means seed
+
+    def __post_init__(self) -> None:
+        if self.whiten is not None and not self.centre:
+            raise InputError("whitening needs centring (centre=True)")
+        if self.whiten is not None and (self.whiten <= 0 or self.whiten_rank < 1):
+            raise InputError(f"whiten must be > 0 and whiten_rank >= 1, got {self.whiten}, {self.whiten_rank}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form, as stored in the prototype table's metadata."""
@@ -35,7 +43,7 @@ class PrototypeConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PrototypeConfig":
-        """Inverse of :meth:`to_dict` (unknown keys ignored)."""
+        """Inverse of :meth:`to_dict` (unknown keys ignored; absent ones take their default)."""
         names = cls.__dataclass_fields__.keys()
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -49,42 +57,95 @@ def power_transform(x: np.ndarray, power: float | None) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class StoreStats:
+    """Unsupervised statistics of a cell table's powered embeddings (no label is used)."""
+
+    mean: np.ndarray  # (dim,) mean
+    eigvals: np.ndarray | None = None  # (k,) leading covariance eigenvalues, descending
+    eigvecs: np.ndarray | None = None  # (k, dim) their unit eigenvectors, one per row
+    n: int = 0  # cells the statistics come from
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """Shrinkage whitening in low-rank form: x -> tail * x + (x B^T)(scales - tail) B.
+
+    ``B`` holds the leading eigenvectors of the store covariance, ``scales`` are
+    1/sqrt(eigenvalue + shrinkage * largest) and ``tail`` = 1/sqrt(shrinkage * largest)
+    is the scale of every other direction (their eigenvalues are small beside the shrinkage).
+    """
+
+    basis: np.ndarray  # (k, dim) float32
+    scales: np.ndarray  # (k,) float32
+    tail: float
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.tail * x + ((x @ self.basis.T) * (self.scales - self.tail)) @ self.basis
+
+    def to_dict(self) -> dict[str, Any]:
+        import base64
+
+        return {"tail": self.tail, "scales": [float(v) for v in self.scales], "shape": list(self.basis.shape),
+                "basis_float32_b64": base64.b64encode(self.basis.astype("<f4").tobytes()).decode()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Whitening":
+        import base64
+
+        basis = np.frombuffer(base64.b64decode(d["basis_float32_b64"]), dtype="<f4").reshape(d["shape"])
+        return cls(basis.astype(np.float32), np.asarray(d["scales"], dtype=np.float32), float(d["tail"]))
+
+    @classmethod
+    def from_stats(cls, stats: StoreStats, shrinkage: float) -> "Whitening":
+        if stats.eigvals is None or stats.eigvecs is None:
+            raise ValueError("whitening needs the store's covariance eigenvectors")
+        lam = shrinkage * float(max(stats.eigvals[0], 1e-12))
+        scales = 1 / np.sqrt(np.maximum(stats.eigvals, 0) + lam)
+        return cls(stats.eigvecs.astype(np.float32), scales.astype(np.float32), float(1 / np.sqrt(lam)))
+
+
+@dataclass(frozen=True)
 class FeatureTransform:
-    """The fitted normalisation: power, then centring by a store mean, then L2."""
+    """The fitted normalisation: power, centring by the store mean, whitening, L2."""
 
     power: float | None
     mean: np.ndarray | None  # (dim,) mean of the powered store features, or None
     l2: bool
+    whitening: Whitening | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Transforms (N, dim) raw embeddings to float32 normalised features."""
         out = power_transform(x, self.power)
         if self.mean is not None:
             out -= self.mean
+        if self.whitening is not None:
+            out = self.whitening(out).astype(np.float32)
         if self.l2:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable parameters (the mean as a list of floats)."""
+        """JSON-serialisable parameters (the mean as a list of floats, the basis as base64)."""
         return {"power": self.power, "l2": self.l2,
-                "mean": None if self.mean is None else [float(v) for v in self.mean]}
+                "mean": None if self.mean is None else [float(v) for v in self.mean],
+                "whitening": None if self.whitening is None else self.whitening.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FeatureTransform":
         """Inverse of :meth:`to_dict`."""
         mean = d.get("mean")
-        return cls(d.get("power"), None if mean is None else np.asarray(mean, dtype=np.float32), bool(d.get("l2", True)))
+        wh = d.get("whitening")
+        return cls(d.get("power"), None if mean is None else np.asarray(mean, dtype=np.float32),
+                   bool(d.get("l2", True)), None if wh is None else Whitening.from_dict(wh))
 
 
-def make_transform(config: PrototypeConfig, store_mean_powered: np.ndarray | None) -> FeatureTransform:
-    """The transform a config asks for, given the mean of the powered store features."""
-    mean = None
-    if config.centre:
-        if store_mean_powered is None:
-            raise ValueError("centring needs the store mean")
-        mean = np.asarray(store_mean_powered, dtype=np.float32)
-    return FeatureTransform(config.power, mean, config.l2)
+def make_transform(config: PrototypeConfig, stats: StoreStats | None) -> FeatureTransform:
+    """The transform a config asks for, given the store statistics of the powered features."""
+    if (config.centre or config.whiten is not None) and stats is None:
+        raise ValueError("centring and whitening need the store statistics")
+    mean = np.asarray(stats.mean, dtype=np.float32) if config.centre else None
+    whitening = Whitening.from_stats(stats, config.whiten) if config.whiten is not None else None
+    return FeatureTransform(config.power, mean, config.l2, whitening)
 
 
 @dataclass(frozen=True)

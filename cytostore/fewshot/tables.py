@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from cytostore import schema
 from cytostore.errors import StoreError
-from cytostore.fewshot.prototypes import FeatureTransform, PrototypeConfig, Prototypes, power_transform
+from cytostore.fewshot.prototypes import FeatureTransform, PrototypeConfig, Prototypes, StoreStats, power_transform
 from cytostore.store import CellStore
 
 PROTOTYPES_PREFIX = "prototypes."
@@ -44,21 +44,49 @@ def prototype_sets(store: CellStore | str | Path) -> list[str]:
     return [n[len(PROTOTYPES_PREFIX):] for n in s._table_names() if n.startswith(PROTOTYPES_PREFIX)]
 
 
-def store_mean(store: CellStore, encoder: str | None, power: float | None, batch_rows: int = 8192) -> np.ndarray:
-    """Mean of the (powered) embeddings of every cell of a table, read batch by batch."""
+MAX_COVARIANCE_CELLS = 200_000  # cells (evenly strided) the covariance is estimated from
+
+
+def store_stats(store: CellStore, encoder: str | None, power: float | None, rank: int | None = None,
+                batch_rows: int = 8192) -> StoreStats:
+    """Mean (every cell) and, with ``rank``, the leading covariance eigenpairs of the powered
+    embeddings of a table, read batch by batch. No label is used."""
+    from cytostore.store import embedding_matrix
+
     ds = store.dataset(encoder)
-    total, n = None, 0
+    n_rows = ds.count_rows()
+    if not n_rows:
+        raise StoreError(f"table {store.resolve(encoder)!r} of {store.root} holds no cells")
+    stride = max(1, -(-n_rows // MAX_COVARIANCE_CELLS))
+    total = second = None
+    n = n_cov = 0
     for batch in ds.to_batches(columns=["embedding"], batch_size=batch_rows):
         if batch.num_rows == 0:
             continue
-        from cytostore.store import embedding_matrix
-
         x = power_transform(embedding_matrix(batch.column(0)), power)
-        total = x.sum(axis=0, dtype=np.float64) if total is None else total + x.sum(axis=0, dtype=np.float64)
+        s = x.sum(axis=0, dtype=np.float64)
+        total = s if total is None else total + s
         n += len(x)
-    if not n:
-        raise StoreError(f"table {store.resolve(encoder)!r} of {store.root} holds no cells")
-    return (total / n).astype(np.float32)
+        if rank:
+            xs = x[::stride].astype(np.float64)
+            g = xs.T @ xs
+            second = g if second is None else second + g
+            n_cov += len(xs)
+    mean = total / n
+    if not rank:
+        return StoreStats(mean.astype(np.float32), n=n)
+    cov = second / n_cov - np.outer(mean, mean)
+    w, v = np.linalg.eigh(cov)
+    k = min(rank, len(w))
+    return StoreStats(mean.astype(np.float32), w[::-1][:k].astype(np.float32),
+                      v[:, ::-1][:, :k].T.astype(np.float32), n)
+
+
+def stats_for(store: CellStore, encoder: str | None, config: PrototypeConfig) -> StoreStats | None:
+    """The store statistics a config needs (None when it centres nothing)."""
+    if not config.centre and config.whiten is None:
+        return None
+    return store_stats(store, encoder, config.power, config.whiten_rank if config.whiten is not None else None)
 
 
 @dataclass(frozen=True)
