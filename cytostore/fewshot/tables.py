@@ -51,9 +51,27 @@ def store_stats(store: CellStore, encoder: str | None, power: float | None, rank
                 batch_rows: int = 8192) -> StoreStats:
     """Mean (every cell) and, with ``rank``, the leading covariance eigenpairs of the powered
     embeddings of a table, read batch by batch. No label is used."""
-    from cytostore.store import embedding_matrix
+    from threadpoolctl import threadpool_limits
 
     ds = store.dataset(encoder)
+    key = (store.root, store.resolve(encoder), int(ds.version), ds.count_rows(), power, rank)
+    if key not in _STATS_CACHE:
+        # One BLAS thread: on shared machines more threads mostly wait on each other.
+        with threadpool_limits(limits=1):
+            stats = _compute_stats(ds, store, encoder, power, rank, batch_rows)
+        if len(_STATS_CACHE) >= 8:
+            _STATS_CACHE.pop(next(iter(_STATS_CACHE)))
+        _STATS_CACHE[key] = stats
+    return _STATS_CACHE[key]
+
+
+_STATS_CACHE: dict[tuple, StoreStats] = {}  # (root, table, version, rows, power, rank) -> stats
+
+
+def _compute_stats(ds, store: CellStore, encoder: str | None, power: float | None, rank: int | None,
+                   batch_rows: int) -> StoreStats:
+    from cytostore.store import embedding_matrix
+
     n_rows = ds.count_rows()
     if not n_rows:
         raise StoreError(f"table {store.resolve(encoder)!r} of {store.root} holds no cells")
