@@ -247,7 +247,7 @@ def montage(store: CellStore | str | Path, rows: list[dict[str, Any]], out: str 
             im = Image.fromarray(decode_thumbnail(thumb)).resize((side, side), Image.NEAREST)
             sheet.paste(im, (x0 + (tile_w - side) // 2, y0))
         reason = r["reason"].split(" (")[0]
-        lines = (f"#{r['rank']} {r['slide_id']}/{r['cell_id']}", reason[:34], f"{r['nearest']} s={r['score']:.2f} m={r['margin']:.2f}"[:34])
+        lines = (f"#{r['rank']} {r['slide_id']}/{r['cell_id']}", reason[:34], f"{r['nearest']}  s={r['score']:.2f}  m={r['margin']:.2f}"[:36])
         for j, line in enumerate(lines):
             draw.text((x0, y0 + side + 2 + 12 * j), line, fill="black", font=font)
     out = Path(out)
