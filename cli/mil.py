@@ -32,7 +32,7 @@ def train_cmd(
     max_cells: Annotated[int, typer.Option(help="Cells sampled per bag per epoch while training (0 = all).")] = 512,
     patience: Annotated[int, typer.Option(help="Epochs without a better validation loss before stopping.")] = 20,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 2e-4,
-    input_norm: Annotated[str, typer.Option(help="none, standardize (training mean/std) or layernorm.")] = "standardize",
+    input_norm: Annotated[str, typer.Option(help="layernorm (per cell), standardize (training mean/std) or none.")] = "layernorm",
     cache_gb: Annotated[float, typer.Option(help="Cache the bags in RAM when they fit under this many GiB; else stream.")] = 2.0,
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed of folds, sampling, initialisation and dropout.")] = 0,

@@ -29,7 +29,7 @@ class ModelConfig:
     hidden: int = 128  # width of the per-cell projection
     attn_dim: int = 64  # width of the gated-attention branches (abmil)
     dropout: float = 0.25  # dropout after the per-cell projection
-    input_norm: str = "standardize"  # none, standardize or layernorm
+    input_norm: str = "layernorm"  # none, standardize or layernorm
 
     def to_dict(self) -> dict:
         """JSON-ready fields."""

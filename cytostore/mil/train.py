@@ -24,7 +24,7 @@ class TrainConfig:
     hidden: int = 128  # per-cell projection width
     attn_dim: int = 64  # gated-attention width (abmil)
     dropout: float = 0.25  # dropout after the per-cell projection
-    input_norm: str = "standardize"  # none, standardize (training mean/std) or layernorm
+    input_norm: str = "layernorm"  # layernorm (per cell), standardize (training mean/std) or none
     epochs: int = 100  # most epochs per fit
     patience: int = 20  # epochs without a better validation loss before stopping
     lr: float = 2e-4  # AdamW learning rate
