@@ -21,6 +21,10 @@ demo: setup
 	$(BIN)/cytostore encoders
 	$(BIN)/cytostore ingest examples/chula-rbc12-sample/manifest.csv --store demo-store
 	$(BIN)/cytostore info --store demo-store
+	$(BIN)/cytostore index build --store demo-store
+	$(BIN)/cytostore search --store demo-store --slide chula-1 --cell 594_95 -k 8 --exclude-same-slide --montage demo-store/neighbours.png
+	$(BIN)/cytostore map --store demo-store --out demo-store/map.png
+	@echo "demo-store/neighbours.png and demo-store/map.png show what the store holds"
 
 test: setup
 	$(BIN)/python -m pytest -q
