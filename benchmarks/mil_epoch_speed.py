@@ -4,7 +4,8 @@ Cached: one ABMIL epoch (mini-batches of padded bags, --max-cells sampled cells
 per bag, forward + backward + AdamW) over every slide of the store, with the
 bags in RAM, and again streaming each bag from Lance. Re-embedding: for a subset
 of slides, read the field image, crop each sampled cell as the table records it
-(x, y, crop_size), resize, run the table's encoder on the CPU at batch 64, then
+(x, y, crop_size), resize, run the table's encoder on the CPU in full batches of 64
+(cells of all the subset's slides packed together), then
 the same MIL step; the time per cell is extrapolated to the epoch's cells.
 
 With --big-bag N it instead checks memory: a generated store (random 1280-d
@@ -56,8 +57,12 @@ def timed_epochs(bags: BagSet, y: np.ndarray, n_classes: int, cfg: TrainConfig, 
     return times
 
 
-def reembed(store: CellStore, table: str, slides: list[str], cfg: TrainConfig, batch: int) -> tuple[int, float, float]:
-    """Re-embeds the sampled cells of ``slides``; returns (cells, seconds, encoder load seconds)."""
+def reembed(store: CellStore, table: str, slides: list[str], cfg: TrainConfig, batch: int) -> dict:
+    """Re-embeds the sampled cells of ``slides`` and takes one MIL step per bag; returns timings.
+
+    Cells of all the slides are packed into full batches of ``batch`` (as a
+    DataLoader over cells would), so small bags do not pay for padded batches.
+    """
     import torch
 
     from cytostore.embed import Embedder
@@ -73,31 +78,41 @@ def reembed(store: CellStore, table: str, slides: list[str], cfg: TrainConfig, b
                          f"{prov['encoder']['weights_sha256'][:12]}...; cannot reproduce its embeddings")
     embedder = Embedder(enc, device="cpu", batch_size=batch)
     load_s = time.perf_counter() - t0
-    model = build_model(ModelConfig(in_dim=enc.dim, n_classes=2))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
-    cells, seconds = 0, 0.0
-    for sid in slides:
+    tables = []
+    for sid in slides:  # which cells, where: metadata only, not timed
         t = store.cells(columns=["uid", "image", "x", "y", "crop_size"], where=slides_filter([sid]), encoder=table)
         t = t.take(np.argsort(t.column("uid").to_numpy(), kind="stable"))
-        t = t.take(sample_indices(t.num_rows, cfg.max_cells, rng))
-        t0 = time.perf_counter()
+        tables.append(t.take(sample_indices(t.num_rows, cfg.max_cells, rng)))
+    t0 = time.perf_counter()
+    crops, sizes = [], []
+    for t in tables:
         img = open_image(t.column("image")[0].as_py())
-        crops = np.stack([resize(crop_cell(img, x, y, int(s)), enc.input_size, enc.interpolation)
-                          for x, y, s in zip(t.column("x").to_pylist(), t.column("y").to_pylist(),
-                                             t.column("crop_size").to_pylist())])
+        crops += [resize(crop_cell(img, x, y, int(s)), enc.input_size, enc.interpolation)
+                  for x, y, s in zip(t.column("x").to_pylist(), t.column("y").to_pylist(),
+                                     t.column("crop_size").to_pylist())]
         img.close()
-        feats = np.concatenate([embedder(crops[i:i + batch]) for i in range(0, len(crops), batch)])
-        x, mask = pad_bags([torch.from_numpy(feats)])
+        sizes.append(t.num_rows)
+    crop_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pixels = np.stack(crops)
+    feats = np.concatenate([embedder(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
+    embed_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = build_model(ModelConfig(in_dim=enc.dim, n_classes=2))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    start = 0
+    for n in sizes:
+        x, mask = pad_bags([torch.from_numpy(feats[start:start + n])])
+        start += n
         logits, _ = model(x, mask)
         loss = torch.nn.functional.cross_entropy(logits, torch.zeros(1, dtype=torch.long))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        seconds += time.perf_counter() - t0
-        cells += len(crops)
-        print(f"  re-embedded {sid}: {len(crops)} cells in {time.perf_counter() - t0:.1f} s", flush=True)
-    return cells, seconds, load_s
+    mil_s = time.perf_counter() - t0
+    return {"cells": len(crops), "read_crop_s": crop_s, "embed_s": embed_s, "mil_s": mil_s,
+            "seconds": crop_s + embed_s + mil_s, "encoder_load_s": load_s}
 
 
 def speed(args) -> None:
@@ -121,16 +136,18 @@ def speed(args) -> None:
     step = max(1, len(slides) // args.subset)
     subset = slides[::step][: args.subset]
     print(f"re-embedding {len(subset)} slides with the table's encoder on the CPU, batch {args.batch_size}:")
-    cells, seconds, enc_s = reembed(store, table, subset, cfg, args.batch_size)
-    per_cell = seconds / cells
+    r = reembed(store, table, subset, cfg, args.batch_size)
+    per_cell = r["seconds"] / r["cells"]
     r_epoch = per_cell * epoch_cells
-    print(f"re-embedding: {per_cell * 1000:.1f} ms per cell ({cells} cells, {seconds:.1f} s; encoder load "
-          f"{enc_s:.1f} s not counted) -> {r_epoch:.0f} s per epoch, extrapolated to {epoch_cells} cells")
+    print(f"  {r['cells']} cells: read + crop + resize {r['read_crop_s']:.1f} s, encoder {r['embed_s']:.1f} s, "
+          f"MIL steps {r['mil_s']:.2f} s (encoder load {r['encoder_load_s']:.1f} s not counted)")
+    print(f"re-embedding: {per_cell * 1000:.1f} ms per cell -> {r_epoch:.0f} s per epoch, extrapolated to "
+          f"{epoch_cells} cells")
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"ratio re-embed / cached epoch: {r_epoch / c_epoch:.0f}x   (re-embed / streamed: {r_epoch / s_epoch:.0f}x)")
     print(json.dumps({"store": args.store, "table": table, "slides": len(slides), "epoch_cells": epoch_cells,
                       "max_cells": args.max_cells, "cached_epoch_s": c_epoch, "streamed_epoch_s": s_epoch,
-                      "cache_load_s": load_s, "reembed_slides": len(subset), "reembed_cells": cells,
+                      "cache_load_s": load_s, "reembed_slides": len(subset), "reembed_cells": r["cells"], "reembed_timings": r,
                       "reembed_ms_per_cell": per_cell * 1000, "reembed_epoch_s": r_epoch,
                       "ratio_reembed_vs_cached": r_epoch / c_epoch, "ratio_reembed_vs_streamed": r_epoch / s_epoch,
                       "batch_size": args.batch_size, "load_average_1min": os.getloadavg()[0]}))

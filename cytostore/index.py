@@ -115,8 +115,14 @@ def new_index(kind: str, dim: int, n: int, n_train: int, params: IndexParams = I
         return faiss.IndexIDMap2(inner), {"factory": f"IDMap2,HNSW{params.hnsw_m},Flat",
                                           "hnsw_m": params.hnsw_m, "ef_construction": params.ef_construction}
     if kind == "ivf-pq":
+        if params.metric == "ip" and params.transform == "pca":
+            params = replace(params, transform="none")  # centring before PCA changes inner-product ranks
         info = _ivfpq_layout(dim, n, n_train, params)
-        return faiss.index_factory(dim, info["factory"], faiss.METRIC_INNER_PRODUCT), info
+        # On unit vectors L2 ranks exactly as cosine, and unlike inner product it is
+        # unchanged by the PCA's centring (the mean of post-ReLU features is large).
+        metric = faiss.METRIC_L2 if params.metric == "cosine" else faiss.METRIC_INNER_PRODUCT
+        info["faiss_metric"] = "l2" if params.metric == "cosine" else "ip"
+        return faiss.index_factory(dim, info["factory"], metric), info
     raise InputError(f"unknown index kind {kind!r}; use one of {', '.join(KINDS[1:])}")
 
 
@@ -238,7 +244,8 @@ def raw_search(index, info: dict, queries: np.ndarray, n: int, sel=None, widen: 
     """FAISS search with the recorded runtime parameters and an optional IDSelector.
 
     ``widen`` multiplies nprobe / efSearch (used when a selective filter leaves
-    too few candidates). Returns (scores, uids) with -1 for missing results.
+    too few candidates). Returns (scores, uids), best first, with -1 for missing
+    results; ivf-pq on cosine gives squared L2 distances instead of scores.
     """
     faiss = _faiss()
     kind = info["kind"]

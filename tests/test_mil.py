@@ -262,3 +262,15 @@ def test_train_and_predict_on_cuda(syn, tmp_path):
     assert len(rep.folds) == 3
     preds = predict(syn["store"], tmp_path / "m", device="cuda")
     np.testing.assert_allclose(preds.proba.sum(1), 1.0, atol=1e-4)
+
+
+def test_split_test_rows_are_held_out(syn, tmp_path):
+    path = tmp_path / "l.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "label", "split"])
+        for i, (s, (lab, _)) in enumerate(syn["slides"].items()):
+            w.writerow([s, lab, "test" if i >= 15 else "train"])
+    rep = train_mil(syn["store"], path, tmp_path / "m", FAST, folds=3)
+    assert sum(rep.counts.values()) == 15 and rep.test["n"] == 3
+    assert {r["slide_id"] for r in rep.oof} == set(list(syn["slides"])[:15])

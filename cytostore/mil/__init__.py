@@ -1,8 +1,9 @@
 """Slide-level multiple-instance learning on the cell embeddings of a store.
 
-bags (slides -> bags of stored embeddings) -> models (ABMIL, mean pooling) ->
-train (one fit) -> cv (grouped k-fold + final model) -> artifacts (model folder)
--> infer (predict, explain, montage). torch loads only when a model is built.
+labels (slide labels, checks) -> bags (slides -> bags of stored embeddings) ->
+models (ABMIL, mean pooling) -> train (one fit) -> cv (grouped k-fold + final
+model) -> artifacts (model folder) -> infer (predict, explain, montage);
+synthetic writes generated stores for tests. torch loads only when a model is built.
 """
 
 from cytostore.mil.artifacts import MILModel, load_model

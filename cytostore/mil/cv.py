@@ -176,6 +176,10 @@ def _train_mil(store_path: str | Path, labels: str | Path, out: str | Path, cfg:
     check_cross_validatable(lab, folds)
     classes = lab.classes
     test_lab = all_labels.subset(test_pos)
+    shared = sorted(set(test_lab.patients) & set(lab.patients))
+    if shared:
+        raise InputError(f"labels {all_labels.source}: patient(s) {shared[:10]} have slides both in the test split "
+                         "and outside it; put all of a patient's slides on one side")
     unknown = sorted(set(test_lab.labels) - set(classes))
     if unknown:
         raise InputError(f"labels {all_labels.source}: class(es) {unknown} appear only in the test split; "
