@@ -107,9 +107,9 @@ def batches(db: np.ndarray):
 
 
 def exact_truth(db: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
-    from cytostore.index import _TopK
+    from cytostore.index import RunningTopK
 
-    top = _TopK(q, k)
+    top = RunningTopK(q, k)
     for ids, x in batches(db):
         top.update(ids, x)
     return top.ids
@@ -210,6 +210,7 @@ def run_sklearn(db, q, truth, k, args) -> dict:
 
 
 def run_lancedb(db, q, truth, k, args, workdir: Path) -> dict:
+    os.environ.setdefault("LANCE_LOG", "error")  # one deprecation warning per query otherwise
     import lancedb
     import pyarrow as pa
 

@@ -67,9 +67,10 @@ def verify_cmd(store: StoreOpt, encoder: EncoderOpt = None, as_json: JsonOpt = F
         emit_json(report)
     else:
         state = "fresh" if report["fresh"] else "STALE"
+        built = (f"index built on version {report['index_table_version']}, {report['rows_indexed']} cells"
+                 if report["exists"] else "no index")
         typer.echo(f"index of table {report['table']}: {state} (table version {report['table_version']}, "
-                   f"{report['rows_table']} cells; index built on version {report.get('index_table_version')}, "
-                   f"{report.get('rows_indexed')} cells)")
+                   f"{report['rows_table']} cells; {built})")
         for p in report["problems"]:
             typer.echo(f"  {p}")
         if report.get("note"):
@@ -110,7 +111,8 @@ def search_cmd(
     q = res.query
     what = (f"cell {q['slide_id']}/{q['cell_id']} ({q.get('label')})" if q["mode"] == "cell"
             else f"image {q['image']}" if q["mode"] == "image" else f"vector {q.get('source')}")
-    typer.echo(f"{len(out['results'])} nearest to {what} in table {res.index['table']} ({res.index['kind']} index):")
+    typer.echo(f"{len(out['results'])} nearest to {what} in table {res.index['table']} "
+               f"({'no' if res.index['kind'] == 'none' else res.index['kind']} index):")
     typer.echo(f"{'rank':>4} {'score':>7}  {'slide':<16} {'cell':<14} label")
     for r in out["results"]:
         typer.echo(f"{r['rank']:>4} {r['score']:>7.4f}  {r['slide_id']:<16} {r['cell_id']:<14} {r.get('label') or ''}")

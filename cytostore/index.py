@@ -69,7 +69,8 @@ def uid_digest(uids: np.ndarray) -> str:
     return "sha256:" + hashlib.sha256(arr.tobytes()).hexdigest()
 
 
-def _faiss():
+def faiss_module():
+    """The faiss module, imported on first use."""
     try:
         import faiss
     except ImportError as e:  # pragma: no cover - faiss-cpu is a core dependency
@@ -106,7 +107,7 @@ def _ivfpq_layout(dim: int, n: int, n_train: int, p: IndexParams) -> dict[str, A
 
 def new_index(kind: str, dim: int, n: int, n_train: int, params: IndexParams = IndexParams()):
     """An empty FAISS index of ``kind`` (not ``auto``) and the parameters it records."""
-    faiss = _faiss()
+    faiss = faiss_module()
     if kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), {"factory": "IDMap2,FlatIP"}
     if kind == "hnsw":
@@ -128,11 +129,11 @@ def new_index(kind: str, dim: int, n: int, n_train: int, params: IndexParams = I
 
 def gpu_available() -> bool:
     """Whether this faiss build has GPU support and sees a GPU."""
-    faiss = _faiss()
+    faiss = faiss_module()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-class _TopK:
+class RunningTopK:
     """Running exact top-k of a few queries over streamed batches (tuning ground truth)."""
 
     def __init__(self, queries: np.ndarray, k: int):
@@ -167,7 +168,7 @@ def fill_index(kind: str, dim: int, n: int, batches: Callable[[], Iterable[tuple
         (CPU index, info dict with the layout, tuned search parameters and notes,
         uids in the order added).
     """
-    faiss = _faiss()
+    faiss = faiss_module()
     n_train = len(train[1]) if train is not None else 0
     index, info = new_index(kind, dim, n, n_train, params)
     info.update({"kind": kind, "metric": params.metric, "notes": []})
@@ -187,7 +188,7 @@ def fill_index(kind: str, dim: int, n: int, batches: Callable[[], Iterable[tuple
                 info["notes"].append(f"--device cuda: faiss could not move this index to the GPU ({e}); built on the CPU")
     info["device"] = "cuda" if res is not None else "cpu"
     tune = kind != "flat" and train is not None and len(train[1]) > 1
-    truth = _TopK(train[1][: params.tune_queries], 11) if tune else None
+    truth = RunningTopK(train[1][: params.tune_queries], 11) if tune else None
     if kind == "ivf-pq":
         t0 = time.perf_counter()
         work.train(train[1])
@@ -213,7 +214,7 @@ def fill_index(kind: str, dim: int, n: int, batches: Callable[[], Iterable[tuple
     return index, info, uids
 
 
-def _tune(index, info: dict, train, truth: _TopK, params: IndexParams, what: str) -> int:
+def _tune(index, info: dict, train, truth: RunningTopK, params: IndexParams, what: str) -> int:
     """The smallest nprobe / efSearch whose recall@10 on the held queries reaches the target.
 
     For ivf-pq the recall counts true neighbours among the re-ranked candidates:
@@ -247,7 +248,7 @@ def raw_search(index, info: dict, queries: np.ndarray, n: int, sel=None, widen: 
     too few candidates). Returns (scores, uids), best first, with -1 for missing
     results; ivf-pq on cosine gives squared L2 distances instead of scores.
     """
-    faiss = _faiss()
+    faiss = faiss_module()
     kind = info["kind"]
     n = int(max(1, min(n, index.ntotal)))
     if kind == "ivf-pq":
@@ -270,7 +271,8 @@ def raw_search(index, info: dict, queries: np.ndarray, n: int, sel=None, widen: 
 
 
 # -- the store side ---------------------------------------------------------------
-def _as_store(store: CellStore | str | Path) -> CellStore:
+def as_store(store: CellStore | str | Path) -> CellStore:
+    """A CellStore, opened from a path when needed."""
     return store if isinstance(store, CellStore) else CellStore.open(store)
 
 
@@ -287,7 +289,8 @@ def _dim(ds) -> int:
     return int(field.type.list_size)
 
 
-def _fix(store: CellStore, table: str) -> str:
+def rebuild_command(store: CellStore, table: str) -> str:
+    """The command that (re)builds the index of ``table``."""
     enc = "" if len(store.tables()) == 1 else f" --encoder {table}"
     return f"cytostore index build --store {store.root}{enc}"
 
@@ -310,7 +313,7 @@ def build_index(store: CellStore | str | Path, encoder: str | None = None, kind:
     from cytostore.lock import WriterLock
 
     t0 = time.perf_counter()
-    store = _as_store(store)
+    store = as_store(store)
     params = replace(params or IndexParams(), kind=kind)
     if params.metric not in {"cosine", "ip"}:
         raise InputError(f"unknown metric {params.metric!r}; use cosine or ip")
@@ -346,7 +349,7 @@ def build_index(store: CellStore | str | Path, encoder: str | None = None, kind:
             "metric": params.metric, "kind": chosen, "requested_kind": kind,
             "params": {k: v for k, v in info.items() if k not in {"notes", "kind", "metric", "device", "tuning"}},
             "tuning": info.get("tuning"), "device": info["device"],
-            "faiss_version": _faiss().__version__, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "faiss_version": faiss_module().__version__, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.perf_counter() - t0, 2), "notes": info["notes"],
             "build_params": asdict(params), "files": {"index": INDEX_FILE, "uids": UIDS_FILE},
         }
@@ -372,7 +375,7 @@ def _sample(ds, n: int, params: IndexParams) -> tuple[np.ndarray, np.ndarray]:
 
 def _write(folder: Path, index, uids: np.ndarray, sidecar: dict) -> None:
     # Sidecar last: a reader that finds a sidecar finds the files it describes.
-    faiss = _faiss()
+    faiss = faiss_module()
     tmp = folder / f".{INDEX_FILE}.{os.getpid()}.tmp"
     faiss.write_index(index, str(tmp))
     os.replace(tmp, folder / INDEX_FILE)
@@ -387,7 +390,7 @@ def _write(folder: Path, index, uids: np.ndarray, sidecar: dict) -> None:
 
 def read_sidecar(store: CellStore | str | Path, encoder: str | None = None) -> dict[str, Any] | None:
     """The sidecar of a table's index, or None when the table has no index."""
-    store = _as_store(store)
+    store = as_store(store)
     path = index_dir(store, store.resolve(encoder)) / SIDECAR
     if not path.is_file():
         return None
@@ -411,13 +414,13 @@ def verify_index(store: CellStore | str | Path, encoder: str | None = None) -> d
         table not in the index / indexed uids no longer in the table), ``provenance_changed``,
         ``problems`` (sentences) and ``fix`` (the command that makes it fresh).
     """
-    store = _as_store(store)
+    store = as_store(store)
     table = store.resolve(encoder)
     ds = store.dataset(table)
     folder = index_dir(store, table)
     out: dict[str, Any] = {"table": table, "index_dir": str(folder), "table_version": int(ds.version),
                            "rows_table": int(ds.count_rows()), "exists": False, "fresh": False, "added": 0,
-                           "deleted": 0, "provenance_changed": False, "problems": [], "fix": _fix(store, table)}
+                           "deleted": 0, "provenance_changed": False, "problems": [], "fix": rebuild_command(store, table)}
     sidecar = read_sidecar(store, table)
     if sidecar is None:
         out["problems"].append(f"table {table!r} has no index")
@@ -525,7 +528,7 @@ def load_index(store: CellStore | str | Path, encoder: str | None = None, *, req
     Raises ProvenanceError when the index was built from another encoder's
     embeddings, and StoreError when ``require`` and there is no index.
     """
-    store = _as_store(store)
+    store = as_store(store)
     table = store.resolve(encoder)
     ds = store.dataset(table)
     folder = index_dir(store, table)
@@ -537,20 +540,20 @@ def load_index(store: CellStore | str | Path, encoder: str | None = None, *, req
     current = ds.to_table(columns=["uid"]).column("uid").to_numpy().astype(np.int64)
     if sidecar is None:
         if require:
-            raise StoreError(f"table {table!r} has no index; build one with `{_fix(store, table)}`")
+            raise StoreError(f"table {table!r} has no index; build one with `{rebuild_command(store, table)}`")
         bound = BoundIndex(store, table, ds, None, {"kind": "none", "metric": "cosine"}, current, current,
                            np.zeros(0, np.int64))
     else:
         diffs = _provenance_diff(sidecar, schema_provenance(ds))
         if diffs:
             raise ProvenanceError(f"the index in {folder} was built from other embeddings than table {table!r} "
-                                  f"holds ({'; '.join(diffs)}); rebuild it with `{_fix(store, table)}`")
+                                  f"holds ({'; '.join(diffs)}); rebuild it with `{rebuild_command(store, table)}`")
         if sidecar["dim"] != _dim(ds):
             raise StoreError(f"index dimension {sidecar['dim']} != table dimension {_dim(ds)}; rebuild the index")
-        index = _faiss().read_index(str(folder / INDEX_FILE))
+        index = faiss_module().read_index(str(folder / INDEX_FILE))
         if index.ntotal != sidecar["rows"]:
             raise StoreError(f"{folder}: index holds {index.ntotal} vectors, its sidecar says {sidecar['rows']} "
-                             f"(an interrupted build?); rebuild with `{_fix(store, table)}`")
+                             f"(an interrupted build?); rebuild with `{rebuild_command(store, table)}`")
         if sidecar["table_version"] == int(ds.version):
             added, deleted = np.zeros(0, np.int64), np.zeros(0, np.int64)
         else:

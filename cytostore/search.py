@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from cytostore.errors import InputError, ProvenanceError, StoreError
-from cytostore.index import BoundIndex, _as_store, _faiss, _fix, load_index, prepare, raw_search, schema_provenance
+from cytostore.index import (BoundIndex, as_store, faiss_module, load_index, prepare, raw_search, rebuild_command,
+                             schema_provenance)
 from cytostore.keys import cell_uid
 from cytostore.store import CellStore
 
@@ -77,7 +78,7 @@ def knn(bound: BoundIndex, q: np.ndarray, k: int, allowed: np.ndarray | None = N
     Returns:
         (scores, uids, notes), best first; fewer than ``k`` only when fewer cells qualify.
     """
-    faiss = _faiss()
+    faiss = faiss_module()
     notes: list[str] = []
     banned = np.unique(np.asarray(banned if banned is not None else _EMPTY, np.int64))
     if allowed is not None:
@@ -216,14 +217,14 @@ def run_search(store: CellStore | str | Path, slide_id: str | None = None, cell_
         raise InputError("--x/--y locate a cell inside --image; they mean nothing for another query")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise InputError(f"-k must be a positive whole number, got {k!r}")
-    store = _as_store(store)
+    store = as_store(store)
     bound = load_index(store, encoder)
     if bound.index is None and len(bound.uids) > EXACT_MAX_UNINDEXED:
         raise StoreError(f"table {bound.table!r} has {len(bound.uids)} cells and no index; "
-                         f"build one with `{_fix(store, bound.table)}`")
+                         f"build one with `{rebuild_command(store, bound.table)}`")
     if len(bound.added) > EXACT_MAX_UNINDEXED:
         raise StoreError(f"{len(bound.added)} cells were added since the index was built, too many to search "
-                         f"exactly; rebuild it with `{_fix(store, bound.table)}`")
+                         f"exactly; rebuild it with `{rebuild_command(store, bound.table)}`")
     query: dict[str, Any] = {"mode": modes[0]}
     banned, pixels, slide = [], None, None
     if modes[0] == "cell":
@@ -299,7 +300,7 @@ def _index_summary(bound: BoundIndex) -> dict[str, Any]:
 
 
 def _stale_notes(bound: BoundIndex) -> list[str]:
-    fix = _fix(bound.store, bound.table)
+    fix = rebuild_command(bound.store, bound.table)
     if bound.index is None:
         return [f"table {bound.table!r} has no index: searched its {len(bound.uids)} cells exactly; "
                 f"build one with `{fix}`"]
