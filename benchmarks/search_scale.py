@@ -8,11 +8,12 @@ residual variance, then clipped at 0 (the real features are post-ReLU6, about
 half zeros) and rounded to float16. The queries are 1000 real cells held out of
 the database; the database holds every other real cell plus generated ones.
 
-Vectors live in a float16 memmap on disk (like the table's column); every method
+Vectors live in a float16 .npy file on disk (like the table's column), read with plain
+file reads so that peak RSS counts only what the code holds; every method
 sees the same L2-normalised float32 copies (LanceDB gets them written as a float32
 vector column). Our index is the library's ivf-pq
 kind (`cytostore.index.fill_index`: PCA+random rotation to 256-d, IVF, PQ64, nprobe
-tuned at build, exact re-ranking of 100 candidates read from the float16 memmap)
+tuned at build, exact re-ranking of 100 candidates read from the float16 file)
 searched through the library's own `cytostore.search.knn`.
 
     nice -n 10 .venv/bin/python benchmarks/search_scale.py --store runs/chula12-store --n 1000000
@@ -38,7 +39,30 @@ DIM_PCA, GMM_K, CHUNK = 128, 32, 65_536
 
 
 def peak_rss_gb() -> float:
+    """Peak resident memory since the last reset_peak() (VmHWM), in GiB."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def current_rss_gb() -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 2**20
+
+
+def reset_peak() -> bool:
+    """Starts the peak-memory count afresh (Linux: /proc/self/clear_refs); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def log(msg: str) -> None:
@@ -90,20 +114,57 @@ def realism(real_q: np.ndarray, real_db: np.ndarray, gen: np.ndarray) -> dict:
                 np.sort(g[:500] @ g.T, axis=1)[:, -2])), 4)}
 
 
-def make_db(path: Path, n: int, real_db: np.ndarray, gen: Generator) -> np.memmap:
-    db = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, real_db.shape[1]))
+class VectorFile:
+    """A float16 .npy matrix on disk, read with plain file reads.
+
+    No memory map: the process's peak RSS then counts only what the code holds
+    (chunks, the index, the training sample), not the file's cached pages.
+    """
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+            self.offset = fh.tell()
+        self.path, self.shape, self.dtype = path, shape, np.dtype(dtype)
+        self.fd = os.open(path, os.O_RDONLY)
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.row_bytes
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        buf = os.pread(self.fd, (stop - start) * self.row_bytes, self.offset + start * self.row_bytes)
+        return np.frombuffer(buf, self.dtype).reshape(stop - start, self.shape[1])
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` (any order), one read each."""
+        out = np.empty((len(ids), self.shape[1]), self.dtype)
+        for j, i in enumerate(np.asarray(ids, np.int64)):
+            out[j] = np.frombuffer(os.pread(self.fd, self.row_bytes, self.offset + int(i) * self.row_bytes), self.dtype)
+        return out
+
+
+def make_db(path: Path, n: int, real_db: np.ndarray, gen: Generator) -> VectorFile:
     r = min(len(real_db), n)
-    db[:r] = real_db[:r]
-    for start in range(r, n, CHUNK):
-        stop = min(n, start + CHUNK)
-        db[start:stop] = gen.sample(stop - start)
-    db.flush()
-    return db
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_2_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                                  "fortran_order": False, "shape": (n, real_db.shape[1])})
+        fh.write(np.ascontiguousarray(real_db[:r], np.float16).tobytes())
+        for start in range(r, n, CHUNK):
+            fh.write(gen.sample(min(n, start + CHUNK) - start).tobytes())
+    return VectorFile(path)
 
 
-def batches(db: np.ndarray):
+def batches(db: VectorFile):
     for start in range(0, len(db), CHUNK):
-        yield np.arange(start, min(len(db), start + CHUNK), dtype=np.int64), normalised(db[start:start + CHUNK])
+        stop = min(len(db), start + CHUNK)
+        yield np.arange(start, stop, dtype=np.int64), normalised(db.read(start, stop))
 
 
 def exact_truth(db: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
@@ -130,22 +191,19 @@ def latency(fn, queries: np.ndarray) -> tuple[list, dict]:
                  "mean_ms": round(float(ms.mean()), 2), "queries": len(ms)}
 
 
-# -- our index, bound to the memmap instead of a Lance table -----------------------------
+# -- our index, bound to the vector file instead of a Lance table -----------------------------
 @dataclass
 class MemmapBound:
-    """What `cytostore.search.knn` needs: the index and exact vectors by id (here: memmap rows)."""
+    """What `cytostore.search.knn` needs: the index and exact vectors by id (here: file rows)."""
 
     index: object
     info: dict
-    db: np.ndarray
+    db: VectorFile
     added: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     deleted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
-        order = np.argsort(ids)
-        out = np.empty((len(ids), self.db.shape[1]), np.float32)
-        out[order] = normalised(self.db[np.asarray(ids)[order]])
-        return out
+        return normalised(self.db.rows(ids))
 
     def added_vectors(self) -> np.ndarray:
         return np.zeros((0, self.db.shape[1]), np.float32)
@@ -160,13 +218,13 @@ def run_ours(db, q, truth, k, args) -> dict:
     params = IndexParams(kind="ivf-pq", train_size=args.train_size, rerank=args.rerank, nprobe=args.nprobe,
                          seed=args.seed)
     rng = np.random.default_rng(args.seed)
-    pos = np.sort(rng.choice(len(db), min(len(db), params.train_size), replace=False))
-    train = (pos.astype(np.int64), normalised(db[pos]))
-    perm = rng.permutation(len(pos))
-    train = (train[0][perm], np.ascontiguousarray(train[1][perm]))
+    reset_peak()  # the build's own peak: training sample, index, streamed chunks
+    pos = rng.permutation(np.sort(rng.choice(len(db), min(len(db), params.train_size), replace=False)))
+    train = (pos.astype(np.int64), normalised(db.rows(pos)))
     t0 = time.perf_counter()
     index, info, _ = fill_index("ivf-pq", db.shape[1], len(db), lambda: batches(db), train, params)
     build_s = time.perf_counter() - t0
+    build_peak = peak_rss_gb()
     del train
     index_bytes = int(faiss.serialize_index(index).nbytes)
     log(f"ours: built {info['factory']} nprobe={info['nprobe']} in {build_s:.0f} s, {index_bytes / 1e6:.0f} MB")
@@ -186,12 +244,14 @@ def run_ours(db, q, truth, k, args) -> dict:
             "build_s": round(build_s, 1), "index_bytes": index_bytes, "recall_at_10": round(recall(found, truth), 4),
             "recall_at_10_batch": round(recall(batch_found, truth), 4),
             "recall_at_10_without_rerank": round(recall(pq_only, truth), 4), **lat,
-            "batch_qps": round(len(q) / batch_s, 1), "peak_rss_gb_after": round(peak_rss_gb(), 2)}
+            "batch_qps": round(len(q) / batch_s, 1), "build_peak_rss_gb": round(build_peak, 2),
+            "rss_gb_after_queries": round(current_rss_gb(), 2)}
 
 
 def run_sklearn(db, q, truth, k, args) -> dict:
     from sklearn.neighbors import NearestNeighbors
 
+    reset_peak()
     t0 = time.perf_counter()
     x = np.empty(db.shape, np.float32)
     for ids, v in batches(db):
@@ -204,7 +264,7 @@ def run_sklearn(db, q, truth, k, args) -> dict:
     batch_s = time.perf_counter() - t0
     out = {"method": "scikit-learn NearestNeighbors(brute, cosine)", "build_s": round(build_s, 1),
            "memory_bytes": int(x.nbytes), "recall_at_10": round(recall(found, truth), 4), **lat,
-           "batch_qps": round(len(q) / batch_s, 1), "peak_rss_gb_after": round(peak_rss_gb(), 2)}
+           "batch_qps": round(len(q) / batch_s, 1), "peak_rss_gb": round(peak_rss_gb(), 2)}
     del nn, x
     return out
 
@@ -214,6 +274,7 @@ def run_lancedb(db, q, truth, k, args, workdir: Path) -> dict:
     import lancedb
     import pyarrow as pa
 
+    reset_peak()
     path = workdir / "lancedb"
     shutil.rmtree(path, ignore_errors=True)
     conn = lancedb.connect(str(path))
@@ -222,7 +283,7 @@ def run_lancedb(db, q, truth, k, args, workdir: Path) -> dict:
 
     def reader():
         for start in range(0, len(db), CHUNK):
-            chunk = normalised(db[start:start + CHUNK])
+            chunk = normalised(db.read(start, min(len(db), start + CHUNK)))
             vec = pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), db.shape[1])
             yield pa.record_batch([pa.array(np.arange(start, start + len(chunk), dtype=np.int64)), vec], schema=schema)
 
@@ -246,7 +307,7 @@ def run_lancedb(db, q, truth, k, args, workdir: Path) -> dict:
             "nprobes": args.lance_nprobes, "refine_factor": args.lance_refine, "write_s": round(write_s, 1),
             "build_s": round(index_s, 1), "index_bytes": int(idx_bytes), "recall_at_10": round(recall(found, truth), 4),
             **lat, "batch_qps": round(1000 / lat["mean_ms"], 1), "batch_note": "sequential queries (no batch API used)",
-            "peak_rss_gb_after": round(peak_rss_gb(), 2)}
+            "peak_rss_gb": round(peak_rss_gb(), 2)}
 
 
 def main() -> None:
@@ -263,7 +324,7 @@ def main() -> None:
     ap.add_argument("--lance-sub-vectors", type=int, default=80)
     ap.add_argument("--lance-nprobes", type=int, default=32)
     ap.add_argument("--lance-refine", type=int, default=10)
-    ap.add_argument("--keep", action="store_true", help="keep the memmaps and LanceDB files")
+    ap.add_argument("--keep", action="store_true", help="keep the vector files and LanceDB files")
     ap.add_argument("--refit", action="store_true", help="fit the generator again instead of reusing its cache")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -301,7 +362,7 @@ def main() -> None:
         t0 = time.perf_counter()
         db = make_db(path, n, real_db, gen)
         gen_s = time.perf_counter() - t0
-        log(f"n={n}: database written ({db.nbytes / 1e9:.1f} GB float16 memmap) in {gen_s:.0f} s")
+        log(f"n={n}: database written ({db.nbytes / 1e9:.1f} GB float16 file) in {gen_s:.0f} s")
         t0 = time.perf_counter()
         truth = exact_truth(db, q, k)
         truth_s = time.perf_counter() - t0
@@ -318,6 +379,7 @@ def main() -> None:
             run["methods"].append(run_lancedb(db, q, truth, k, args, workdir))
             log(f"n={n}: lancedb {run['methods'][-1]}")
         runs.append(run)
+        os.close(db.fd)
         del db
         if not args.keep:
             os.remove(path)

@@ -27,6 +27,9 @@ from cytostore.sources.base import SourceFailure
 from cytostore.store import CELLS_PREFIX, CellStore, table_name_for
 
 
+ENGINES = ("local", "ray")
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     """How an ingest runs."""
@@ -43,6 +46,10 @@ class IngestConfig:
     embedding_dtype: str = "float16"  # stored dtype: float16 or float32
     commit_rows: int = 0  # rows per commit; 0 = one batch
     wait_for_lock: bool = False  # wait for another writer instead of exiting
+    engine: str = "local"  # local (this process) or ray (a Ray Data pipeline)
+    ray_address: str | None = None  # Ray cluster to join; None starts a local one
+    gpus_per_worker: float = 0.0  # GPU share of each Ray encoder actor (0 = one GPU when there are GPUs)
+    ray_actors: int = 0  # Ray encoder actors; 0 = one per GPU share, or half the CPU cores
 
 
 @dataclass
@@ -82,6 +89,12 @@ def ingest(source, store_path: str | Path, config: IngestConfig = IngestConfig()
         raise InputError(f"--batch-size must be at least 1, got {config.batch_size}")
     if config.workers < 0:
         raise InputError(f"--workers must be 0 or more, got {config.workers}")
+    if config.engine not in ENGINES:
+        raise InputError(f"unknown engine {config.engine!r}; use one of {', '.join(ENGINES)}")
+    if config.engine == "ray":
+        from cytostore.distributed import require_ray
+
+        require_ray()
     if config.embedding_dtype not in schema.EMBEDDING_DTYPES:
         raise InputError(f"embedding dtype must be float16 or float32, got {config.embedding_dtype!r}")
     t0 = time.perf_counter()
@@ -101,7 +114,12 @@ def ingest(source, store_path: str | Path, config: IngestConfig = IngestConfig()
             stored_prov = schema.read_metadata(store.dataset(table).schema)
             for d in check_compatible(table, stored_prov, prov):
                 report.notes.append(f"library version differs from the table's: {d}")
-        _run(store, table, source, encoder, prov, config, report, progress)
+        if config.engine == "ray":
+            from cytostore.distributed import run_ray
+
+            run_ray(store, table, source, encoder, prov, config, report, progress)
+        else:
+            _run(store, table, source, encoder, prov, config, report, progress)
         store.compact(table)
     finally:
         if lock is not None:

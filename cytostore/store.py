@@ -77,7 +77,8 @@ class CellStore:
             import lancedb
 
             return sorted(lancedb.connect(self.root).table_names())
-        return sorted(p.name[: -len(".lance")] for p in Path(self.root).glob("*.lance") if p.is_dir())
+        # A folder without _versions holds only uncommitted fragments (a killed first Ray ingest).
+        return sorted(p.name[: -len(".lance")] for p in Path(self.root).glob("*.lance") if (p / "_versions").is_dir())
 
     def tables(self) -> list[str]:
         """Names of the encoder tables (``cells.<name>``), without the prefix."""
@@ -98,6 +99,10 @@ class CellStore:
         if name not in names:
             raise StoreError(f"store {self.root} has no table for encoder {encoder!r}; it has {names}")
         return name
+
+    def table_uri(self, table: str) -> str:
+        """Where cell table ``table`` lives (a folder or object-store URI)."""
+        return self._uri(CELLS_PREFIX + table)
 
     def has_table(self, table: str) -> bool:
         """Whether the cell table ``table`` exists."""

@@ -1,0 +1,158 @@
+"""Ingest on a local Ray instance: same cells and embeddings as the single-process
+ingest, and no cell lost or repeated when a worker or the driver is killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SMALL_FIELDS, sample_rows, write_manifest
+from cytostore import CellStore, IngestConfig, ingest, open_source
+from cytostore.errors import CytostoreError, InputError
+
+ray = pytest.importorskip("ray", reason="--engine ray needs the [scale] extra (`make setup` installs it)")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance of this machine's cores, shared by the tests of this module."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def keyed(store: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(uids, embeddings) of a store, sorted by uid."""
+    emb, keys = CellStore.open(store).embeddings()
+    uids = keys.column("uid").to_numpy()
+    order = np.argsort(uids)
+    return uids[order], np.asarray(emb)[order]
+
+
+def assert_same_cells(store: Path, reference: Path) -> None:
+    uids, emb = keyed(store)
+    ref_uids, ref_emb = keyed(reference)
+    assert len(np.unique(uids)) == len(uids), "a cell is stored twice"
+    np.testing.assert_array_equal(uids, ref_uids)
+    # Same encoder, same fixed-size padded batches: the very same float16 values.
+    np.testing.assert_array_equal(emb, ref_emb)
+
+
+def ray_processes(name: str) -> list:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if name in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def table_committed(store: Path) -> bool:
+    return any((p / "_versions").is_dir() for p in store.glob("cells.*.lance"))
+
+
+def test_ray_ingest_matches_local_and_survives_a_killed_encoder_worker(local_ray, tmp_path, small_manifest,
+                                                                       small_store):
+    store = tmp_path / "ray"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_encoder_once():
+        # Wait until the run has committed some cells, then SIGKILL the encoder actor's process.
+        while not stop.is_set():
+            actors = ray_processes("EmbedCells")
+            if actors and table_committed(store):
+                actors[0].send_signal(signal.SIGKILL)
+                killed.append(actors[0].pid)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_encoder_once, daemon=True)
+    killer.start()
+    try:
+        report = ingest(open_source(small_manifest), store, IngestConfig(batch_size=32, engine="ray", commit_rows=32))
+    finally:
+        stop.set()
+        killer.join(5)
+    assert killed, "the encoder worker finished before it could be killed"
+    assert report.cells_failed == 0
+    assert report.cells_added == 360
+    assert_same_cells(store, small_store)
+    # Provenance is the single-process ingest's.
+    assert CellStore.open(store).provenance()["encoder"] == CellStore.open(small_store).provenance()["encoder"]
+
+    again = ingest(open_source(small_manifest), store, IngestConfig(batch_size=32, engine="ray"))
+    assert (again.cells_added, again.cells_skipped) == (0, 360)
+    assert_same_cells(store, small_store)
+
+
+def test_ray_ingest_resumes_a_partial_store_and_a_killed_driver(local_ray, tmp_path, small_store):
+    store = tmp_path / "resumed"
+    first = write_manifest(sample_rows(SMALL_FIELDS[:1]), tmp_path / "first.csv")
+    full = write_manifest(sample_rows(SMALL_FIELDS), tmp_path / "full.csv")
+    part = ingest(open_source(first), store, IngestConfig(batch_size=32))  # single-process, one field
+    assert 0 < part.cells_added < 360
+
+    # A Ray ingest of all three fields in another process, killed after its first commit.
+    script = ("import sys; from cytostore import IngestConfig, ingest, open_source; "
+              "ingest(open_source(sys.argv[1]), sys.argv[2], IngestConfig(batch_size=32, engine='ray', commit_rows=32))")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-c", script, str(full), str(store)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    rows = part.cells_added
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        rows = CellStore.open(store).count()
+        if rows > part.cells_added:
+            break
+        time.sleep(0.2)
+    was_running = proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+    proc.wait()
+    assert was_running, "the Ray ingest ended before it could be killed"
+    assert part.cells_added < rows < 360, "killed after the first commit, before the last"
+
+    report = ingest(open_source(full), store, IngestConfig(batch_size=32, engine="ray"))
+    stored_before = CellStore.open(store).count() - report.cells_added
+    assert report.cells_skipped == stored_before >= rows
+    assert_same_cells(store, small_store)
+
+
+def test_ray_cluster_plan_and_bad_options(local_ray, tmp_path, small_manifest):
+    from cytostore.distributed import plan_cluster
+
+    plan = plan_cluster(ray, IngestConfig(engine="ray"))
+    assert (plan.device, plan.embed_actors, plan.gpus_per_actor) == ("cpu", 1, 0.0)
+    with pytest.raises(CytostoreError, match="no GPU"):
+        plan_cluster(ray, IngestConfig(engine="ray", device="cuda"))
+    with pytest.raises(InputError, match="gpus-per-worker"):
+        plan_cluster(ray, IngestConfig(engine="ray", gpus_per_worker=-1))
+    with pytest.raises(InputError, match="unknown engine"):
+        ingest(open_source(small_manifest), tmp_path / "s", IngestConfig(engine="spark"))
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.gpu
+def test_ray_ingest_on_gpu_matches_closely(local_ray, tmp_path, small_manifest, small_store):
+    report = ingest(open_source(small_manifest), tmp_path / "gpu",
+                    IngestConfig(batch_size=32, engine="ray", device="cuda", precision="fp32"))
+    assert report.cells_added == 360
+    uids, emb = keyed(tmp_path / "gpu")
+    ref_uids, ref_emb = keyed(small_store)
+    np.testing.assert_array_equal(uids, ref_uids)
+    np.testing.assert_allclose(emb.astype(np.float32), ref_emb.astype(np.float32), atol=2e-2, rtol=2e-2)
