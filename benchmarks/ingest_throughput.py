@@ -3,6 +3,8 @@ bytes on disk per cell against one float32 HDF5 file per slide, and peak memory
 against the number of slides.
 
     python benchmarks/ingest_throughput.py throughput --cells 2048 --batch-size 64
+    python benchmarks/ingest_throughput.py throughput --engine ray --device cuda --precision bf16
+    python benchmarks/ingest_throughput.py crop --cells 2048
     python benchmarks/ingest_throughput.py bytes --store runs/chula12-store
     python benchmarks/ingest_throughput.py memory --slides 10 40 160
 
@@ -40,13 +42,13 @@ def _subset(n_cells: int, data: Path) -> list[dict]:
     return out
 
 
-def bare_forward(n_cells: int, batch_size: int, device: str) -> float:
+def bare_forward(n_cells: int, batch_size: int, device: str, precision: str = "auto") -> float:
     """cells/s of the encoder alone on ready uint8 crops, as the ingest feeds it."""
     from cytostore.embed import Embedder
     from cytostore.encoders import create_encoder
 
     enc = create_encoder()
-    emb = Embedder(enc, device=device, batch_size=batch_size)
+    emb = Embedder(enc, device=device, batch_size=batch_size, precision=precision)
     rng = np.random.default_rng(0)
     px = rng.integers(0, 255, (batch_size, enc.input_size, enc.input_size, 3), dtype=np.uint8)
     emb(px)  # warm-up
@@ -63,20 +65,57 @@ def throughput(args) -> dict:
     rows = _subset(args.cells, args.data)
     tmp = Path(tempfile.mkdtemp())
     manifest = write_csv(rows, tmp / "m.csv")
-    cfg = IngestConfig(batch_size=args.batch_size, workers=args.workers, device=args.device)
+    cfg = IngestConfig(batch_size=args.batch_size, workers=args.workers, device=args.device,
+                       precision=args.precision, engine=args.engine)
     t0 = time.perf_counter()
     report = ingest(open_source(manifest), tmp / "store", cfg)
     wall = time.perf_counter() - t0
     e2e = report.cells_added / wall
-    bare = bare_forward(report.cells_added, args.batch_size, args.device)
+    bare = bare_forward(report.cells_added, args.batch_size, args.device, args.precision)
     shutil.rmtree(tmp)
     out = {"cells": report.cells_added, "slides": report.slides, "batch_size": args.batch_size,
-           "workers": args.workers, "device": args.device, "end_to_end_cells_s": round(e2e, 2),
+           "workers": args.workers, "device": args.device, "device_name": _device_name(args.device),
+           "precision": args.precision, "engine": args.engine, "notes": report.notes,
+           "end_to_end_cells_s": round(e2e, 2),
            "end_to_end_seconds": round(wall, 2), "bare_forward_cells_s": round(bare, 2),
            "ratio": round(e2e / bare, 3)}
     print(f"ingest end to end: {out['cells']} cells in {wall:.1f} s = {e2e:.1f} cells/s (model load included)")
     print(f"bare forward, same encoder and batch size: {bare:.1f} cells/s")
     print(f"ratio end-to-end / bare forward: {out['ratio']:.3f}")
+    return out
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def crop_rate(args) -> dict:
+    """cells/s of reading, cropping, resizing and thumbnailing on one core (no encoder)."""
+    from cytostore import open_source
+    from cytostore.embed import CropSpec, plan_tasks, process_task
+    from cytostore.encoders import create_encoder
+    from cytostore.imaging import CropPolicy
+    from cytostore.keys import UidSet
+
+    rows = _subset(args.cells, args.data)
+    tmp = Path(tempfile.mkdtemp())
+    manifest = write_csv(rows, tmp / "m.csv")
+    enc = create_encoder()
+    spec = CropSpec(CropPolicy(), enc.input_size, enc.interpolation)
+    tasks = [item for kind, item in plan_tasks(open_source(manifest), UidSet()) if kind == "task"]
+    t0 = time.perf_counter()
+    cells = sum(len(process_task(t, spec, UidSet())["cells"]) for t in tasks)
+    wall = time.perf_counter() - t0
+    shutil.rmtree(tmp)
+    out = {"cells": cells, "images": len(tasks), "seconds": round(wall, 2), "crop_cells_s_one_core": round(cells / wall, 1)}
+    print(f"read + crop + resize + thumbnail, one core: {cells} cells from {len(tasks)} fields in {wall:.1f} s "
+          f"= {cells / wall:.0f} cells/s")
     return out
 
 
@@ -149,16 +188,18 @@ def memory(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["throughput", "bytes", "memory"])
+    ap.add_argument("part", choices=["throughput", "crop", "bytes", "memory"])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--cells", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto", help="auto (bf16/fp16 on GPU), fp32, bf16, fp16")
+    ap.add_argument("--engine", default="local", choices=["local", "ray"])
     ap.add_argument("--store", type=Path, default=REPO / "runs" / "chula12-store")
     ap.add_argument("--slides", type=int, nargs="+", default=[10, 40, 160])
     args = ap.parse_args()
-    out = {"throughput": throughput, "bytes": bytes_per_cell, "memory": memory}[args.part](args)
+    out = {"throughput": throughput, "crop": crop_rate, "bytes": bytes_per_cell, "memory": memory}[args.part](args)
     out["peak_rss_mb_this_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(out))
 

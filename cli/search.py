@@ -94,12 +94,14 @@ def search_cmd(
     exclude_same_slide: Annotated[bool, typer.Option("--exclude-same-slide", help="Drop neighbours from the query's slide.")] = False,
     montage_out: Annotated[Optional[Path], typer.Option("--montage", help="Write a PNG contact sheet of the query and its neighbours.")] = None,
     encoder: EncoderOpt = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto: where an --image is embedded and, with a GPU build of faiss, where the index is searched.")] = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Find the cells most similar to a stored cell, an image or a vector (cosine similarity)."""
     with handle_errors():
         res = run_search(store, slide, cell, image=image, x=x, y=y, vector=vector, k=k, where=where,
-                         exclude_same_slide=exclude_same_slide, encoder=encoder, thumbnails=montage_out is not None)
+                         exclude_same_slide=exclude_same_slide, encoder=encoder, device=device,
+                         thumbnails=montage_out is not None)
         if montage_out is not None:
             montage(res, montage_out)
     out = res.to_dict()

@@ -127,6 +127,18 @@ def new_index(kind: str, dim: int, n: int, n_train: int, params: IndexParams = I
     raise InputError(f"unknown index kind {kind!r}; use one of {', '.join(KINDS[1:])}")
 
 
+def to_gpu(index):
+    """(GPU copy of a CPU index, its resources), or raises when faiss cannot move it.
+
+    PQ64 codes need float16 lookup tables to fit the GPU's shared memory.
+    """
+    faiss = faiss_module()
+    res = faiss.StandardGpuResources()
+    opts = faiss.GpuClonerOptions()
+    opts.useFloat16 = True
+    return faiss.index_cpu_to_gpu(res, 0, index, opts), res
+
+
 def gpu_available() -> bool:
     """Whether this faiss build has GPU support and sees a GPU."""
     faiss = faiss_module()
@@ -181,8 +193,7 @@ def fill_index(kind: str, dim: int, n: int, batches: Callable[[], Iterable[tuple
                                  "(pip install faiss-gpu-cu12); built on the CPU")
         else:
             try:
-                res = faiss.StandardGpuResources()
-                work = faiss.index_cpu_to_gpu(res, 0, index)
+                work, res = to_gpu(index)
             except Exception as e:  # e.g. a layout this faiss cannot move to the GPU
                 res, work = None, index
                 info["notes"].append(f"--device cuda: faiss could not move this index to the GPU ({e}); built on the CPU")
@@ -241,15 +252,25 @@ def _tune(index, info: dict, train, truth: RunningTopK, params: IndexParams, wha
     return best
 
 
-def raw_search(index, info: dict, queries: np.ndarray, n: int, sel=None, widen: int = 1):
+def raw_search(index, info: dict, queries: np.ndarray, n: int, sel=None, widen: int = 1, gpu=None):
     """FAISS search with the recorded runtime parameters and an optional IDSelector.
 
     ``widen`` multiplies nprobe / efSearch (used when a selective filter leaves
     too few candidates). Returns (scores, uids), best first, with -1 for missing
     results; ivf-pq on cosine gives squared L2 distances instead of scores.
+    ``gpu``, a GPU copy of ``index``, answers the searches without a selector
+    (faiss GPU indexes take no IDSelector).
     """
     faiss = faiss_module()
     kind = info["kind"]
+    if gpu is not None and sel is None:
+        try:
+            if kind == "ivf-pq":
+                faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe",
+                                                              int(min(info["nprobe"] * widen, info["nlist"])))
+            return gpu.search(np.ascontiguousarray(queries, dtype=np.float32), int(max(1, min(n, index.ntotal))))
+        except RuntimeError:  # pragma: no cover - a GPU layout faiss cannot tune or search: the CPU answers
+            pass
     n = int(max(1, min(n, index.ntotal)))
     if kind == "ivf-pq":
         p = faiss.SearchParametersIVF(sel=sel, nprobe=int(min(info["nprobe"] * widen, info["nlist"])))
@@ -477,6 +498,7 @@ class BoundIndex:
     uids: np.ndarray  # current uids, in table order (row offset i holds uids[i])
     added: np.ndarray  # current uids absent from the index
     deleted: np.ndarray  # indexed uids no longer in the table
+    gpu: Any = None  # GPU copy of ``index`` (load_index(device="cuda")), or None
     _order: np.ndarray | None = None
     _added_vectors: np.ndarray | None = None
 
@@ -522,18 +544,25 @@ class BoundIndex:
 _CACHE: dict[tuple, BoundIndex] = {}
 
 
-def load_index(store: CellStore | str | Path, encoder: str | None = None, *, require: bool = False) -> BoundIndex:
+def load_index(store: CellStore | str | Path, encoder: str | None = None, *, require: bool = False,
+               device: str = "cpu") -> BoundIndex:
     """Loads a table's index against the table's current version (cached per version).
+
+    ``device="cuda"`` (or ``auto`` with a GPU build of faiss) also puts a copy of
+    the index on the GPU for unfiltered searches; when faiss cannot, the index
+    stays on the CPU and ``info["notes"]`` says why.
 
     Raises ProvenanceError when the index was built from another encoder's
     embeddings, and StoreError when ``require`` and there is no index.
     """
+    if device not in {"auto", "cpu"} and not device.startswith("cuda"):
+        raise InputError(f"unknown device {device!r}; use auto, cpu or cuda")
     store = as_store(store)
     table = store.resolve(encoder)
     ds = store.dataset(table)
     folder = index_dir(store, table)
     side = folder / SIDECAR
-    key = (store.root, table, int(ds.version), side.stat().st_mtime_ns if side.is_file() else None)
+    key = (store.root, table, int(ds.version), side.stat().st_mtime_ns if side.is_file() else None, device)
     if key in _CACHE:
         return _CACHE[key]
     sidecar = read_sidecar(store, table)
@@ -560,12 +589,33 @@ def load_index(store: CellStore | str | Path, encoder: str | None = None, *, req
             indexed = _read_uids(folder, sidecar)
             added = current[~UidSet(indexed).contains(current)]
             deleted = indexed[~UidSet(current).contains(indexed)]
-        info = {**sidecar["params"], "kind": sidecar["kind"], "metric": sidecar["metric"], "sidecar": sidecar}
+        info = {**sidecar["params"], "kind": sidecar["kind"], "metric": sidecar["metric"], "sidecar": sidecar,
+                "notes": []}
         bound = BoundIndex(store, table, ds, index, info, current, added, deleted)
+        _attach_gpu(bound, device)
     if len(_CACHE) >= 4:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = bound
     return bound
+
+
+def _attach_gpu(bound: BoundIndex, device: str) -> None:
+    if device == "cpu" or (device == "auto" and not gpu_available()):
+        bound.info["device"] = "cpu"
+        return
+    note = None
+    if bound.info["kind"] == "hnsw":
+        note = "faiss has no GPU HNSW; searching on the CPU"
+    elif not gpu_available():
+        note = "--device cuda: this faiss build has no GPU support or sees no GPU (pip install faiss-gpu-cu12); searching on the CPU"
+    else:
+        try:
+            bound.gpu, bound.info["gpu_resources"] = to_gpu(bound.index)
+        except Exception as e:  # a layout this faiss cannot move
+            note = f"--device cuda: faiss could not move the index to the GPU ({e}); searching on the CPU"
+    bound.info["device"] = "cuda" if bound.gpu is not None else "cpu"
+    if note:
+        bound.info["notes"].append(note)
 
 
 def schema_provenance(ds) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def knn(bound: BoundIndex, q: np.ndarray, k: int, allowed: np.ndarray | None = N
             extra = 0
         widen = 1
         while True:
-            d, i = raw_search(index, info, q[None, :], want + extra, sel, widen)
+            d, i = raw_search(index, info, q[None, :], want + extra, sel, widen, gpu=getattr(bound, "gpu", None))
             d, i = d[0], i[0]
             ok = (i >= 0) & ~np.isin(i, excl)
             d, i = d[ok][:want], i[ok][:want]
@@ -218,7 +218,7 @@ def run_search(store: CellStore | str | Path, slide_id: str | None = None, cell_
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise InputError(f"-k must be a positive whole number, got {k!r}")
     store = as_store(store)
-    bound = load_index(store, encoder)
+    bound = load_index(store, encoder, device=device)
     if bound.index is None and len(bound.uids) > EXACT_MAX_UNINDEXED:
         raise StoreError(f"table {bound.table!r} has {len(bound.uids)} cells and no index; "
                          f"build one with `{rebuild_command(store, bound.table)}`")
@@ -261,7 +261,7 @@ def run_search(store: CellStore | str | Path, slide_id: str | None = None, cell_
     scores, uids, notes = knn(bound, q, int(k), allowed, np.concatenate(banned) if banned else None)
     table = _result_table(bound, scores, uids, thumbnails)
     query.update({"k": int(k), "where": where, "exclude_same_slide": exclude_same_slide})
-    return SearchResult(query, table, _index_summary(bound), notes + _stale_notes(bound), pixels)
+    return SearchResult(query, table, _index_summary(bound), notes + list(bound.info.get("notes", [])) + _stale_notes(bound), pixels)
 
 
 def _image_slide(bound: BoundIndex, image, x, y, query: dict, banned: list) -> str | None:
@@ -328,7 +328,8 @@ def search(store: CellStore | str | Path, slide_id: str | None = None, cell_id: 
         where: SQL filter on the cell table, e.g. ``"label = 'spherocyte'"``.
         exclude_same_slide: drop neighbours from the query's slide.
         encoder: which encoder table; default the only (or default) one.
-        device: where an ``image`` query is embedded.
+        device: cpu, cuda or auto: where an ``image`` query is embedded and, with a GPU build of
+            faiss, where unfiltered searches run (else the CPU, with a note).
         thumbnails: add the stored JPEG thumbnails.
 
     Returns:

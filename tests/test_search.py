@@ -235,6 +235,9 @@ def test_device_cuda_without_gpu_faiss_falls_back_with_a_note(store):
         pytest.skip("faiss sees a GPU here")
     side = build_index(store, kind="flat", device="cuda")
     assert side["device"] == "cpu" and any("GPU" in n for n in side["notes"])
+    res = run_search(store, "chula-1", "594_95", k=5, device="cuda")
+    assert any("faiss-gpu" in n for n in res.notes)
+    assert [r["uid"] for r in res.to_dict()["results"]] == search(store, "chula-1", "594_95", k=5).column("uid").to_pylist()
 
 
 @pytest.mark.gpu
@@ -245,6 +248,10 @@ def test_gpu_build_matches_cpu(store):
     side = build_index(store, kind="flat", device="cuda")
     assert side["device"] == "cuda"
     assert search(store, "chula-1", "594_95", k=10).column("uid").to_pylist() == cpu
+    # Searched on the GPU: an unfiltered query through the GPU copy gives the CPU's answer.
+    bound = load_index(store, device="cuda")
+    assert bound.gpu is not None and bound.info["device"] == "cuda"
+    assert search(store, "chula-1", "594_95", k=10, device="cuda").column("uid").to_pylist() == cpu
 
 
 def test_unknown_kind_and_k_are_input_errors(store):
