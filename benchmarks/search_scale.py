@@ -327,6 +327,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the vector files and LanceDB files")
     ap.add_argument("--refit", action="store_true", help="fit the generator again instead of reusing its cache")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse a database file of the expected size and its exact top-k left by an earlier --keep run")
     args = ap.parse_args()
     sizes, k = args.n or [1_000_000], 10
 
@@ -359,17 +361,32 @@ def main() -> None:
     runs = []
     for n in sizes:
         path = workdir / f"db_{n}.f16.npy"
-        t0 = time.perf_counter()
-        db = make_db(path, n, real_db, gen)
-        gen_s = time.perf_counter() - t0
-        log(f"n={n}: database written ({db.nbytes / 1e9:.1f} GB float16 file) in {gen_s:.0f} s")
-        t0 = time.perf_counter()
-        truth = exact_truth(db, q, k)
-        truth_s = time.perf_counter() - t0
-        log(f"n={n}: exact top-{k} of {len(q)} queries (numpy, chunked) in {truth_s:.0f} s")
+        truth_path = workdir / f"truth_{n}_{args.queries}_{args.seed}.npy"
+        expected = n * real.shape[1] * 2
+        db = VectorFile(path) if args.reuse and path.is_file() else None
+        if db is not None and db.nbytes == expected:
+            gen_s = None
+            log(f"n={n}: reusing {path} ({db.nbytes / 1e9:.1f} GB float16 file)")
+        else:
+            if db is not None:
+                os.close(db.fd)
+            t0 = time.perf_counter()
+            db = make_db(path, n, real_db, gen)
+            gen_s = round(time.perf_counter() - t0, 1)
+            truth_path.unlink(missing_ok=True)
+            log(f"n={n}: database written ({db.nbytes / 1e9:.1f} GB float16 file) in {gen_s:.0f} s")
+        if args.reuse and truth_path.is_file():
+            truth, truth_s = np.load(truth_path), None
+            log(f"n={n}: reusing exact top-{k} from {truth_path}")
+        else:
+            t0 = time.perf_counter()
+            truth = exact_truth(db, q, k)
+            truth_s = round(time.perf_counter() - t0, 1)
+            np.save(truth_path, truth)
+            log(f"n={n}: exact top-{k} of {len(q)} queries (numpy, chunked) in {truth_s:.0f} s")
         run = {"n": n, "real_in_db": int(min(n, len(real_db))), "generated": int(max(0, n - len(real_db))),
-               "generate_s": round(gen_s, 1), "exact_batch_s": round(truth_s, 1),
-               "exact_batch_qps": round(len(q) / truth_s, 1), "methods": []}
+               "generate_s": gen_s, "exact_batch_s": truth_s,
+               "exact_batch_qps": round(len(q) / truth_s, 1) if truth_s else None, "methods": []}
         run["methods"].append(run_ours(db, q, truth, k, args))
         log(f"n={n}: ours {run['methods'][-1]}")
         if "sklearn" not in args.skip:
@@ -383,6 +400,7 @@ def main() -> None:
         del db
         if not args.keep:
             os.remove(path)
+            truth_path.unlink(missing_ok=True)
             shutil.rmtree(workdir / "lancedb", ignore_errors=True)
     print("\nn          method                                        build_s  index_MB  recall@10  p50_ms  p99_ms  batch_qps")
     for run in runs:
