@@ -156,3 +156,16 @@ def test_ray_ingest_on_gpu_matches_closely(local_ray, tmp_path, small_manifest, 
     ref_uids, ref_emb = keyed(small_store)
     np.testing.assert_array_equal(uids, ref_uids)
     np.testing.assert_allclose(emb.astype(np.float32), ref_emb.astype(np.float32), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_local_ingest_on_cuda_bf16_matches_cpu_closely(tmp_path, small_manifest, small_store):
+    report = ingest(open_source(small_manifest), tmp_path / "cuda",
+                    IngestConfig(batch_size=64, device="cuda", precision="bf16"))
+    assert report.cells_added == 360
+    uids, emb = keyed(tmp_path / "cuda")
+    ref_uids, ref_emb = keyed(small_store)
+    np.testing.assert_array_equal(uids, ref_uids)
+    a, b = emb.astype(np.float32), ref_emb.astype(np.float32)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.98, cos.min()
