@@ -19,16 +19,10 @@ import argparse
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-
-
-def percentiles(ms: list[float]) -> dict:
-    a = np.asarray(ms)
-    return {"p50_ms": round(float(np.median(a)), 2), "p99_ms": round(float(np.percentile(a, 99)), 2),
-            "mean_ms": round(float(a.mean()), 2), "queries": len(a)}
+from search_scale import latency  # this folder is on sys.path when run as a script
 
 
 def main() -> None:
@@ -59,20 +53,11 @@ def main() -> None:
         qs = np.asarray(emb[pick], np.float32)
         qs /= np.linalg.norm(qs, axis=1, keepdims=True)
         knn(bound, qs[0], args.k)  # warm up
-        vec_ms = []
-        for q in qs:
-            t0 = time.perf_counter()
-            knn(bound, q, args.k)
-            vec_ms.append((time.perf_counter() - t0) * 1e3)
-
-        cell_ms = []
-        for i in pick:
-            t0 = time.perf_counter()
-            search(copy, slides[i], cells[i], k=args.k)
-            cell_ms.append((time.perf_counter() - t0) * 1e3)
+        _, by_vector = latency(lambda q: knn(bound, q, args.k), qs)
+        _, by_cell = latency(lambda i: search(copy, slides[i], cells[i], k=args.k), pick)
 
     out = {"benchmark": "search_latency", "store": args.store, "kind": side["kind"], "cells": side["rows"],
-           "k": args.k, "knn_by_vector": percentiles(vec_ms), "search_by_cell": percentiles(cell_ms)}
+           "k": args.k, "knn_by_vector": by_vector, "search_by_cell": by_cell}
     print(f"knn by vector (FAISS + re-rank from Lance): p50 {out['knn_by_vector']['p50_ms']} ms, "
           f"p99 {out['knn_by_vector']['p99_ms']} ms")
     print(f"store.search by cell id (open + lookup + knn + result rows): p50 {out['search_by_cell']['p50_ms']} ms, "

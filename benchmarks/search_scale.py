@@ -193,7 +193,7 @@ def latency(fn, queries: np.ndarray) -> tuple[list, dict]:
 
 # -- our index, bound to the vector file instead of a Lance table -----------------------------
 @dataclass
-class MemmapBound:
+class FileBound:
     """What `cytostore.search.knn` needs: the index and exact vectors by id (here: file rows)."""
 
     index: object
@@ -201,6 +201,7 @@ class MemmapBound:
     db: VectorFile
     added: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     deleted: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    gpu: object = None  # searched on the CPU
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         return normalised(self.db.rows(ids))
@@ -228,7 +229,7 @@ def run_ours(db, q, truth, k, args) -> dict:
     del train
     index_bytes = int(faiss.serialize_index(index).nbytes)
     log(f"ours: built {info['factory']} nprobe={info['nprobe']} in {build_s:.0f} s, {index_bytes / 1e6:.0f} MB")
-    bound = MemmapBound(index, info, db)
+    bound = FileBound(index, info, db)
     knn(bound, q[0], k)  # warm up
     found, lat = latency(lambda v: knn(bound, v, k)[1], q)
     t0 = time.perf_counter()  # batch: one FAISS call for all queries, then exact re-ranking per query

@@ -34,7 +34,7 @@ from cytostore import schema
 from cytostore.embed import MAX_CELLS_PER_TASK, CropSpec, Embedder, plan_tasks, process_task
 from cytostore.errors import CytostoreError, InputError, ProvenanceError
 from cytostore.keys import UidSet
-from cytostore.sources.base import SourceFailure
+from cytostore.ingest import FailureLog, _clear_resolved_failures, _to_arrow, failed_cells
 
 log = logging.getLogger(__name__)
 
@@ -157,32 +157,25 @@ def _crop_batch(batch: pa.Table, spec: CropSpec, stored_ref) -> pa.Table:
 def _write_batch(batch: pa.Table, uri: str, target: pa.Schema, run_id: str) -> pa.Table:
     from lance.fragment import write_fragments
 
-    from cytostore.ingest import _to_arrow
-
     outs = [pickle.loads(p) for p in batch.column("payload").to_pylist()]
     rows = [c for o in outs for c in o["cells"]]
     frags: list[str] = []
-    uids = b""
     if rows:
         emb = np.concatenate([o["embedding"] for o in outs if len(o["cells"])])
         table = _to_arrow(rows, emb, target, run_id)
         frags = [f.to_json() for f in write_fragments(table, uri, schema=target, max_rows_per_file=1 << 20)]
-        uids = table.column("uid").to_numpy().astype(np.int64).tobytes()
     summary = {"failures": [f for o in outs for f in o["failures"]],
                "skipped": sum(o["skipped"] for o in outs),
-               "failed_cells": sum(o.get("failed_cells", 0) + sum(1 for f in o["failures"] if f.stage == "crop")
-                                   for o in outs),
+               "failed_cells": sum(failed_cells(o) for o in outs),
                "slides": sorted({o["slide_id"] for o in outs if o.get("slide_id")}),
                "images": sum(o.get("images", 0) for o in outs)}
     return pa.table({"task_indices": [batch.column("task_index").to_numpy().astype(np.int64).tobytes()],
-                     "fragments": [json.dumps(frags)], "uids": pa.array([uids], pa.large_binary()),
+                     "fragments": [json.dumps(frags)], "rows": [len(rows)],
                      "summary": pa.array([pickle.dumps(summary)], pa.large_binary())})
 
 
 def run_ray(store, table: str, source, encoder, prov: dict, config, report, progress) -> None:
     """The Ray engine of ``cytostore.ingest.ingest`` (same arguments, same report)."""
-    from cytostore.ingest import _clear_resolved_failures
-
     ray = start_ray(config.ray_address)
     ray.data.DataContext.get_current().enable_progress_bars = progress is None
     plan = plan_cluster(ray, config)
@@ -208,7 +201,7 @@ def run_ray(store, table: str, source, encoder, prov: dict, config, report, prog
                 run.wave(wave)
                 wave = []
         elif kind == "failure":
-            run.failed([item], 1)
+            run.fails.add([item], 1)
         else:
             n, slide, images = item
             report.cells_skipped += n
@@ -236,19 +229,11 @@ class _RayRun:
         self.exists = store.has_table(table)  # the folder appears with the first fragment, the table with a commit
         self.pending: list[Any] = []
         self.pending_rows = 0
-        self.pending_fail: list[SourceFailure] = []
         self.slides: set[str] = set()
         self.images = 0
         self.last_commit = time.monotonic()
         self.commit_rows = config.commit_rows or COMMIT_ROWS
-        self.known = {(r["where"], r["reason"]) for r in store.failures().select(["where", "reason"]).to_pylist()}
-
-    def failed(self, fails: list[SourceFailure], cells: int) -> None:
-        self.report.cells_failed += cells
-        for f in fails:
-            if len(self.report.failures) < 20:
-                self.report.failures.append({"where": f.where, "stage": f.stage, "reason": f.reason})
-        self.pending_fail.extend(fails)
+        self.fails = FailureLog(store, table, report)
 
     def wave(self, tasks: list[bytes]) -> None:
         """Runs the pipeline over ``tasks``, committing fragments as they arrive."""
@@ -279,9 +264,9 @@ class _RayRun:
             seen[idx] = True
             frags = json.loads(batch.column("fragments")[0].as_py())
             self.pending.extend(FragmentMetadata.from_json(json.dumps(f)) for f in frags)
-            self.pending_rows += len(batch.column("uids")[0].as_py()) // 8
+            self.pending_rows += batch.column("rows")[0].as_py()
             summary = pickle.loads(batch.column("summary")[0].as_py())
-            self.failed(summary["failures"], summary["failed_cells"])
+            self.fails.add(summary["failures"], summary["failed_cells"])
             self.report.cells_skipped += summary["skipped"]
             self.slides.update(summary["slides"])
             self.images += summary["images"]
@@ -297,8 +282,6 @@ class _RayRun:
         """Makes the pending fragments part of the table in one atomic commit."""
         import lance
 
-        from cytostore.ingest import _failures_to_arrow
-
         if self.pending:
             if self.exists:
                 version = lance.dataset(self.uri).version
@@ -310,11 +293,7 @@ class _RayRun:
             self.report.cells_added += self.pending_rows
             self.pending.clear()
             self.pending_rows = 0
-        new = [f for f in self.pending_fail if (f.where, f.reason) not in self.known]
-        if new:
-            self.known.update((f.where, f.reason) for f in new)
-            self.store.append_failures(_failures_to_arrow(new, self.table, self.report.run_id))
-        self.pending_fail.clear()
+        self.fails.flush()
         self.last_commit = time.monotonic()
 
 

@@ -139,6 +139,20 @@ def to_gpu(index):
     return faiss.index_cpu_to_gpu(res, 0, index, opts), res
 
 
+def _gpu_copy(index, kind: str, doing: str) -> tuple[Any, Any, str | None]:
+    """(GPU copy of ``index``, its resources, None), or (None, None, why it stays on the CPU)."""
+    if kind == "hnsw":
+        return None, None, f"faiss has no GPU HNSW; {doing} on the CPU"
+    if not gpu_available():
+        return None, None, ("--device cuda: this faiss build has no GPU support or sees no GPU "
+                            f"(pip install faiss-gpu-cu12); {doing} on the CPU")
+    try:
+        gpu, res = to_gpu(index)
+    except Exception as e:  # e.g. a layout this faiss cannot move to the GPU
+        return None, None, f"--device cuda: faiss could not move the index to the GPU ({e}); {doing} on the CPU"
+    return gpu, res, None
+
+
 def gpu_available() -> bool:
     """Whether this faiss build has GPU support and sees a GPU."""
     faiss = faiss_module()
@@ -186,17 +200,10 @@ def fill_index(kind: str, dim: int, n: int, batches: Callable[[], Iterable[tuple
     info.update({"kind": kind, "metric": params.metric, "notes": []})
     work, res = index, None
     if device.startswith("cuda"):
-        if kind == "hnsw":
-            info["notes"].append("faiss has no GPU HNSW; built on the CPU")
-        elif not gpu_available():
-            info["notes"].append("--device cuda: this faiss build has no GPU support or sees no GPU "
-                                 "(pip install faiss-gpu-cu12); built on the CPU")
-        else:
-            try:
-                work, res = to_gpu(index)
-            except Exception as e:  # e.g. a layout this faiss cannot move to the GPU
-                res, work = None, index
-                info["notes"].append(f"--device cuda: faiss could not move this index to the GPU ({e}); built on the CPU")
+        gpu, res, note = _gpu_copy(index, kind, "built")
+        work = gpu if gpu is not None else index
+        if note:
+            info["notes"].append(note)
     info["device"] = "cuda" if res is not None else "cpu"
     tune = kind != "flat" and train is not None and len(train[1]) > 1
     truth = RunningTopK(train[1][: params.tune_queries], 11) if tune else None
@@ -603,16 +610,9 @@ def _attach_gpu(bound: BoundIndex, device: str) -> None:
     if device == "cpu" or (device == "auto" and not gpu_available()):
         bound.info["device"] = "cpu"
         return
-    note = None
-    if bound.info["kind"] == "hnsw":
-        note = "faiss has no GPU HNSW; searching on the CPU"
-    elif not gpu_available():
-        note = "--device cuda: this faiss build has no GPU support or sees no GPU (pip install faiss-gpu-cu12); searching on the CPU"
-    else:
-        try:
-            bound.gpu, bound.info["gpu_resources"] = to_gpu(bound.index)
-        except Exception as e:  # a layout this faiss cannot move
-            note = f"--device cuda: faiss could not move the index to the GPU ({e}); searching on the CPU"
+    bound.gpu, res, note = _gpu_copy(bound.index, bound.info["kind"], "searching")
+    if res is not None:
+        bound.info["gpu_resources"] = res
     bound.info["device"] = "cuda" if bound.gpu is not None else "cpu"
     if note:
         bound.info["notes"].append(note)

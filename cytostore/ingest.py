@@ -138,14 +138,12 @@ def _run(store: CellStore, table: str, source, encoder, prov: dict, config: Inge
     target = schema.arrow_schema("cells", dim=encoder.dim, embedding_dtype=config.embedding_dtype,
                                  extra=extra_schema, metadata=prov)
     commit_rows = config.commit_rows or config.batch_size
-    old_failures = store.failures()
-    known_failures = {(r["where"], r["reason"]) for r in old_failures.select(["where", "reason"]).to_pylist()}
+    fails = FailureLog(store, table, report)
     slides: set[str] = set()
     meta: list[dict[str, Any]] = []
     pixels: list[np.ndarray] = []
     pending_rows: list[dict[str, Any]] = []
     pending_emb: list[np.ndarray] = []
-    pending_fail: list[SourceFailure] = []
     cells_done = images_done = 0
 
     def embed_ready(final: bool) -> None:
@@ -170,22 +168,14 @@ def _run(store: CellStore, table: str, source, encoder, prov: dict, config: Inge
             report.cells_added += rows.num_rows
             pending_rows.clear()
             pending_emb.clear()
-        if pending_fail:
-            new = [f for f in pending_fail if (f.where, f.reason) not in known_failures]
-            known_failures.update((f.where, f.reason) for f in new)
-            store.append_failures(_failures_to_arrow(new, table, report.run_id))
-            pending_fail.clear()
+        fails.flush()
 
     loader = make_loader(source, spec, stored, config.workers)
     for out in loader:
         if out.get("slide_id"):
             slides.add(out["slide_id"])
         report.cells_skipped += out["skipped"]
-        report.cells_failed += out.get("failed_cells", 0) + sum(1 for f in out["failures"] if f.stage == "crop")
-        for f in out["failures"]:
-            if len(report.failures) < 20:
-                report.failures.append({"where": f.where, "stage": f.stage, "reason": f.reason})
-        pending_fail.extend(out["failures"])
+        fails.add(out["failures"], failed_cells(out))
         if out["cells"]:
             meta.extend(out["cells"])
             pixels.append(out["pixels"])
@@ -198,6 +188,35 @@ def _run(store: CellStore, table: str, source, encoder, prov: dict, config: Inge
     commit()
     _clear_resolved_failures(store, table)
     report.slides = len(slides)
+
+
+def failed_cells(out: dict[str, Any]) -> int:
+    """Cells an image task's output lost: those its crops failed on, plus what it counted itself."""
+    return out.get("failed_cells", 0) + sum(1 for f in out["failures"] if f.stage == "crop")
+
+
+class FailureLog:
+    """The failures of one ingest run: counted in its report (the first 20 listed),
+    stored once per (where, reason) in the store's failures table at each commit."""
+
+    def __init__(self, store: CellStore, table: str, report: IngestReport):
+        self.store, self.table, self.report = store, table, report
+        self.known = {(r["where"], r["reason"]) for r in store.failures().select(["where", "reason"]).to_pylist()}
+        self.pending: list[SourceFailure] = []
+
+    def add(self, failures: list[SourceFailure], cells: int) -> None:
+        self.report.cells_failed += cells
+        for f in failures:
+            if len(self.report.failures) < 20:
+                self.report.failures.append({"where": f.where, "stage": f.stage, "reason": f.reason})
+        self.pending.extend(failures)
+
+    def flush(self) -> None:
+        new = [f for f in self.pending if (f.where, f.reason) not in self.known]
+        if new:
+            self.known.update((f.where, f.reason) for f in new)
+            self.store.append_failures(_failures_to_arrow(new, self.table, self.report.run_id))
+        self.pending.clear()
 
 
 def _clear_resolved_failures(store: CellStore, table: str) -> None:

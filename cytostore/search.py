@@ -105,7 +105,7 @@ def knn(bound: BoundIndex, q: np.ndarray, k: int, allowed: np.ndarray | None = N
             extra = 0
         widen = 1
         while True:
-            d, i = raw_search(index, info, q[None, :], want + extra, sel, widen, gpu=getattr(bound, "gpu", None))
+            d, i = raw_search(index, info, q[None, :], want + extra, sel, widen, gpu=bound.gpu)
             d, i = d[0], i[0]
             ok = (i >= 0) & ~np.isin(i, excl)
             d, i = d[ok][:want], i[ok][:want]
