@@ -100,6 +100,25 @@ def test_ray_ingest_matches_local_and_survives_a_killed_encoder_worker(local_ray
     assert_same_cells(store, small_store)
 
 
+def test_ray_ingest_records_the_same_failures_as_local(local_ray, tmp_path):
+    rows = sample_rows(SMALL_FIELDS[:1])
+    missing = {**rows[0], "image": str(tmp_path / "no-such-field.jpg")}
+    outside = {**rows[1], "x": "100000", "y": "100000"}
+    manifest = write_manifest(rows + [missing, outside], tmp_path / "bad.csv")
+    reports, failures = {}, {}
+    for engine in ("local", "ray"):
+        store = tmp_path / engine
+        reports[engine] = ingest(open_source(manifest), store, IngestConfig(batch_size=32, engine=engine))
+        f = CellStore.open(store).failures()
+        failures[engine] = sorted(zip(f.column("where").to_pylist(), f.column("stage").to_pylist(),
+                                      f.column("reason").to_pylist()))
+    assert reports["ray"].cells_failed == reports["local"].cells_failed == 2
+    assert reports["ray"].cells_added == reports["local"].cells_added == len(rows)
+    assert len(failures["ray"]) == 2 and failures["ray"] == failures["local"]
+    assert any("no-such-field.jpg" in w for w, _, _ in failures["ray"])
+    assert_same_cells(tmp_path / "ray", tmp_path / "local")
+
+
 def test_ray_ingest_resumes_a_partial_store_and_a_killed_driver(local_ray, tmp_path, small_store):
     store = tmp_path / "resumed"
     first = write_manifest(sample_rows(SMALL_FIELDS[:1]), tmp_path / "first.csv")
