@@ -28,7 +28,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cytostore import schema  # noqa: E402
+from cytostore.store import schema  # noqa: E402
 from cytostore.keys import cell_uid  # noqa: E402
 from cytostore.store import CellStore, conform, embedding_matrix  # noqa: E402
 

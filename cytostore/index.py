@@ -25,7 +25,6 @@ from cytostore.keys import UidSet
 from cytostore.store import CellStore, embedding_matrix
 
 KINDS = ("auto", "flat", "ivf-pq", "hnsw")
-INDEX_DIR = "indexes"
 SIDECAR, INDEX_FILE, UIDS_FILE = "sidecar.json", "index.faiss", "uids.npy"
 FORMAT_VERSION = 1
 
@@ -309,7 +308,7 @@ def index_dir(store: CellStore, table: str) -> Path:
     if "://" in store.root:
         raise StoreError(f"indexes live beside a local store folder; {store.root} is an object-store URI "
                          "(copy the store locally to index it)")
-    return Path(store.root) / INDEX_DIR / table
+    return Path(store.uri("index", table))
 
 
 def _dim(ds) -> int:
@@ -338,7 +337,7 @@ def build_index(store: CellStore | str | Path, encoder: str | None = None, kind:
     Returns:
         The sidecar written (a dict).
     """
-    from cytostore.lock import WriterLock
+    from cytostore.store.lock import WriterLock
 
     t0 = time.perf_counter()
     store = as_store(store)
@@ -620,6 +619,6 @@ def _attach_gpu(bound: BoundIndex, device: str) -> None:
 
 def schema_provenance(ds) -> dict[str, Any]:
     """The provenance stored in a Lance dataset's schema."""
-    from cytostore import schema
+    from cytostore.store import schema
 
     return schema.read_metadata(ds.schema)

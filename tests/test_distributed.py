@@ -153,7 +153,7 @@ def test_ray_ingest_resumes_a_partial_store_and_a_killed_driver(local_ray, tmp_p
 
 
 def test_ray_cluster_plan_and_bad_options(local_ray, tmp_path, small_manifest):
-    from cytostore.distributed import plan_cluster
+    from cytostore.ingest.ray import plan_cluster
 
     plan = plan_cluster(ray, IngestConfig(engine="ray"))
     assert (plan.device, plan.embed_actors, plan.gpus_per_actor) == ("cpu", 1, 0.0)

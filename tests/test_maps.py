@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from conftest import sample_rows
-from cytostore import CellStore, schema
+from cytostore import CellStore
+from cytostore.store import schema
 from cytostore.imaging import Picture, crop_cell, thumbnail_bytes
 from cytostore.keys import cell_uid
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from cytostore import CellStore, IngestConfig, StoreLockedError, ingest, open_source
-from cytostore.lock import WriterLock
+from cytostore.store.lock import WriterLock
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -79,7 +79,7 @@ def test_second_writer_is_refused_while_readers_go_on(small_store, small_manifes
 
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
-    code = ("import sys,time; sys.path.insert(0, %r); from cytostore.lock import WriterLock; "
+    code = ("import sys,time; sys.path.insert(0, %r); from cytostore.store.lock import WriterLock; "
             "held = WriterLock(%r, 't').acquire(); print('held', flush=True); time.sleep(60)") % (str(REPO), str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"

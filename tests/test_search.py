@@ -72,7 +72,7 @@ def test_vector_of_a_stored_cell_finds_that_cell_first(store, tmp_path):
     assert top["uid"] == keys.column("uid")[17].as_py()
     assert top["score"] == pytest.approx(1.0, abs=1e-5)
     # The Python API and the store method agree, and return Arrow.
-    t = CellStore.open(store).search(vector=emb[17], k=3)
+    t = search(CellStore.open(store), vector=emb[17], k=3)
     assert isinstance(t, pa.Table) and t.column("uid")[0].as_py() == top["uid"]
     assert json.loads(t.schema.metadata[b"cytostore.search"])["query"]["mode"] == "vector"
 
@@ -192,7 +192,7 @@ def test_montage_png_has_the_expected_size(store, tmp_path):
 
 def _synthetic_store(path: Path, n: int = 3000, dim: int = 48, seed: int = 0) -> np.ndarray:
     """A store whose table holds clustered random vectors (no images needed)."""
-    from cytostore import schema
+    from cytostore.store import schema
 
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((30, dim))

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from cytostore import schema
+from cytostore.store import schema
 from cytostore.errors import InputError, ProvenanceError
 from cytostore.fewshot.prototypes import (
     UNKNOWN,

@@ -11,13 +11,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cytostore import schema
+from cytostore.store import schema
 from cytostore.errors import StoreError
 from cytostore.fewshot.prototypes import FeatureTransform, PrototypeConfig, Prototypes, StoreStats, power_transform
 from cytostore.store import CellStore
 
-PROTOTYPES_PREFIX = "prototypes."
-PREDICTIONS_PREFIX = "predictions."
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 
 
@@ -34,14 +32,14 @@ def check_name(name: str) -> str:
     return name
 
 
-def _uri(store: CellStore, prefix: str, name: str) -> str:
-    return f"{store.root}/{prefix}{check_name(name)}.lance"
+def _uri(store: CellStore, kind: str, name: str) -> str:
+    return store.uri(kind, check_name(name))
 
 
 def prototype_sets(store: CellStore | str | Path) -> list[str]:
     """Names of the prototype sets stored in ``store``."""
     s = as_store(store)
-    return [n[len(PROTOTYPES_PREFIX):] for n in s._table_names() if n.startswith(PROTOTYPES_PREFIX)]
+    return s.names("prototypes")
 
 
 MAX_COVARIANCE_CELLS = 200_000  # cells (evenly strided) the covariance is estimated from
@@ -137,7 +135,7 @@ def write_prototypes(store: CellStore, name: str, protos: Prototypes, metadata: 
         pa.FixedSizeListArray.from_arrays(flat, dim),
         pa.array(protos.n_support.astype(np.int32), pa.int32()),
     ], schema=sch)
-    uri = _uri(store, PROTOTYPES_PREFIX, name)
+    uri = _uri(store, "prototypes", name)
     exists = Path(uri).is_dir() if "://" not in uri else name in prototype_sets(store)
     ds = lance.write_dataset(table, uri, schema=sch, mode="overwrite" if exists else "create")
     return int(ds.version)
@@ -156,7 +154,7 @@ def load_prototypes(store: CellStore | str | Path, name: str, version: int | Non
         have = prototype_sets(s)
         raise StoreError(f"no prototype set named {name!r} in {s.root}; "
                          + (f"it has {have}" if have else "fit one with `cytostore fewshot fit --name NAME`"))
-    ds = lance.dataset(_uri(s, PROTOTYPES_PREFIX, name), version=version)
+    ds = lance.dataset(_uri(s, "prototypes", name), version=version)
     t = ds.to_table()
     meta = schema.read_metadata(ds.schema)
     from cytostore.store import embedding_matrix
@@ -180,7 +178,7 @@ def write_predictions(store: CellStore, name: str, rows: pa.Table) -> int:
     from cytostore.store import conform
 
     rows = conform(rows, sch)
-    uri = _uri(store, PREDICTIONS_PREFIX, name)
+    uri = _uri(store, "predictions", name)
     if not Path(uri).is_dir() and "://" not in uri:
         return int(lance.write_dataset(rows, uri, schema=sch, mode="create").version)
     ds = lance.dataset(uri)
@@ -200,7 +198,7 @@ def read_predictions(store: CellStore | str | Path, name: str, columns: list[str
     import lance
 
     s = as_store(store)
-    uri = _uri(s, PREDICTIONS_PREFIX, name)
+    uri = _uri(s, "predictions", name)
     if "://" not in uri and not Path(uri).is_dir():
         raise StoreError(f"no predictions named {name!r} in {s.root}; run "
                          f"`cytostore fewshot predict --store {s.root} --name {name}` first")

@@ -17,11 +17,10 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from cytostore import schema
+from cytostore.store import schema
 from cytostore.errors import InputError, StoreError
 from cytostore.store import CellStore, embedding_matrix
 
-UMAP_PREFIX = "umap."
 MIN_CELLS = 5  # below this UMAP has no neighbourhood graph to speak of
 
 
@@ -50,7 +49,7 @@ def as_store(store: CellStore | str | Path) -> CellStore:
 
 def umap_uri(store: CellStore, table: str) -> str:
     """Where the coordinates of cell table ``table`` live."""
-    return f"{store.root}/{UMAP_PREFIX}{table}.lance"
+    return store.uri("umap", table)
 
 
 def sample_policy(params: UmapParams) -> str:
@@ -93,7 +92,7 @@ def compute_umap(store: CellStore | str | Path, encoder: str | None = None, samp
 
     Returns:
         Arrow table (uid, umap_x, umap_y) in cell-table order. Its schema metadata
-        (``cytostore.schema.read_metadata``) holds the table version, parameters,
+        (``cytostore.store.schema.read_metadata``) holds the table version, parameters,
         sample policy, timings and ``reused`` (True when nothing was recomputed).
     """
     import lance

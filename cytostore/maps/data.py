@@ -15,13 +15,12 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from cytostore import schema
+from cytostore.store import schema
 from cytostore.errors import InputError, StoreError
 from cytostore.maps.coords import UmapParams, as_store, compute_umap
 from cytostore.store import CellStore
 
 PREDICTION_PREFIX = "prediction:"
-PREDICTIONS_TABLE = "predictions."
 MISSING = "(none)"  # category of cells without a value (no label, no prediction)
 NOT_COLOURABLE = {"embedding", "thumbnail"}
 
@@ -59,7 +58,7 @@ class MapData:
 
 
 def _predictions_uri(store: CellStore, name: str) -> str:
-    return f"{store.root}/{PREDICTIONS_TABLE}{name}.lance"
+    return store.uri("predictions", name)
 
 
 def resolve_color(store: CellStore, color_by: str, encoder: str | None = None) -> ColorSpec:
@@ -75,8 +74,7 @@ def resolve_color(store: CellStore, color_by: str, encoder: str | None = None) -
             raise InputError("--color-by prediction:NAME needs the name of a predictions table")
         uri = _predictions_uri(store, name)
         if "://" not in uri and not Path(uri).is_dir():
-            have = sorted(p.name[len(PREDICTIONS_TABLE):-len(".lance")]
-                          for p in Path(store.root).glob(f"{PREDICTIONS_TABLE}*.lance"))
+            have = store.names("predictions")
             raise InputError(f"--color-by {color_by}: no predictions table {uri}; "
                              f"the store has {have or 'none'} (make one with `cytostore fewshot predict`)")
         return ColorSpec(color_by, None, name, numeric=False)

@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 import pyarrow as pa
 
-from cytostore import schema
+from cytostore.store import schema
 from cytostore.keys import cell_uid
 from cytostore.errors import StoreError
 from cytostore.store import CellStore

@@ -5,10 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any
 
-from cytostore import schema
-from cytostore.encoders.registry import Encoder
+from cytostore.store import schema
 from cytostore.errors import ProvenanceError
-from cytostore.imaging import THUMBNAIL_SIZE, CropPolicy
 
 # Parts that must match for rows to share a table; library versions are recorded
 # but only reported, since a patch release of a dependency should not split a store.
@@ -24,26 +22,6 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[pkg] = "absent"
     return out
-
-
-def make_provenance(encoder: Encoder, policy: CropPolicy, embedding_dtype: str) -> dict[str, Any]:
-    """The full provenance record of a cell table."""
-    return {
-        "schema": "cells",
-        "schema_version": schema.version("cells"),
-        "encoder": encoder.provenance(),
-        "preprocessing": {
-            "crop": "square around the cell centre; side = crop_size, or the cell box plus margin when larger",
-            "crop_size": policy.crop_size,
-            "box_margin": policy.box_margin,
-            "outside_image": "edge pixels repeated (images); white (slides)",
-            "resize": f"{encoder.input_size}x{encoder.input_size} {encoder.interpolation}",
-            "normalise": {"mean": list(encoder.mean), "std": list(encoder.std)},
-            "thumbnail": f"{THUMBNAIL_SIZE}x{THUMBNAIL_SIZE} JPEG",
-        },
-        "embedding_dtype": embedding_dtype,
-        "versions": library_versions(),
-    }
 
 
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:

@@ -11,11 +11,11 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from cytostore import schema
 from cytostore.errors import StoreError
 from cytostore.keys import UidSet
+from cytostore.store import layout, schema
+from cytostore.store.layout import MARKER, is_uri as _is_uri
 
-MARKER = "cytostore.json"
 CELLS_PREFIX = "cells."
 FAILURES = "failures"
 DEFAULT_TABLE = "efficientnet_lite0"
@@ -24,10 +24,6 @@ DEFAULT_TABLE = "efficientnet_lite0"
 def table_name_for(encoder_name: str) -> str:
     """The cell-table name for an encoder name (safe as a folder name)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", encoder_name).strip("_.") or "encoder"
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
 
 
 class CellStore:
@@ -70,7 +66,14 @@ class CellStore:
 
     # -- tables ----------------------------------------------------------------
     def _uri(self, name: str) -> str:
-        return f"{self.root}/{name}.lance"
+        # name is "cells.<table>" or "failures"
+        if name.startswith(CELLS_PREFIX):
+            return layout.uri(self.root, "cells", name[len(CELLS_PREFIX):])
+        return layout.uri(self.root, name)
+
+    def uri(self, kind: str, name: str | None = None) -> str:
+        """Where a table or file of ``kind`` (see ``cytostore.store.layout``) lives in this store."""
+        return layout.uri(self.root, kind, name)
 
     def _table_names(self) -> list[str]:
         if _is_uri(self.root):
@@ -80,9 +83,17 @@ class CellStore:
         # A folder without _versions holds only uncommitted fragments (a killed first Ray ingest).
         return sorted(p.name[: -len(".lance")] for p in Path(self.root).glob("*.lance") if (p / "_versions").is_dir())
 
+    def names(self, kind: str) -> list[str]:
+        """Names of the committed tables of ``kind`` (cells, prototypes, predictions, umap, index)."""
+        if _is_uri(self.root):
+            pre, suf = layout.kind(kind).pattern.split("{name}")
+            return sorted(n[len(pre):len(n) - len(suf) + len(".lance")] for n in
+                          (t + ".lance" for t in self._table_names()) if n.startswith(pre) and n.endswith(suf))
+        return layout.names(self.root, kind)
+
     def tables(self) -> list[str]:
         """Names of the encoder tables (``cells.<name>``), without the prefix."""
-        return [n[len(CELLS_PREFIX):] for n in self._table_names() if n.startswith(CELLS_PREFIX)]
+        return self.names("cells")
 
     def resolve(self, encoder: str | None = None) -> str:
         """The table name for ``encoder``: the only table, or the named one."""
@@ -103,6 +114,11 @@ class CellStore:
     def table_uri(self, table: str) -> str:
         """Where cell table ``table`` lives (a folder or object-store URI)."""
         return self._uri(CELLS_PREFIX + table)
+
+    def _has(self, kind: str, name: str | None = None) -> bool:
+        if _is_uri(self.root):
+            return layout.relpath(kind, name)[: -len(".lance")] in self._table_names()
+        return layout.exists(self.root, kind, name)
 
     def has_table(self, table: str) -> bool:
         """Whether the cell table ``table`` exists."""
@@ -166,12 +182,6 @@ class CellStore:
             warnings.simplefilter("ignore", UserWarning)
             return torch.from_numpy(arr), keys
 
-    def search(self, *args, **kwargs):
-        """Similar cells as an Arrow table: see `cytostore.search.search`."""
-        from cytostore.search import search
-
-        return search(self, *args, **kwargs)
-
     def stored_uids(self, table: str) -> UidSet:
         """The uids already in a table (8 bytes per cell)."""
         if not self.has_table(table):
@@ -186,7 +196,7 @@ class CellStore:
         """Every recorded ingest failure (empty when none)."""
         import lance
 
-        if FAILURES not in self._table_names():
+        if not self._has("failures"):
             return schema.arrow_schema("failures").empty_table()
         return lance.dataset(self._uri(FAILURES)).to_table()
 
@@ -245,14 +255,14 @@ class CellStore:
         if rows.num_rows == 0:
             return
         uri = self._uri(FAILURES)
-        mode = "append" if FAILURES in self._table_names() else "create"
+        mode = "append" if self._has("failures") else "create"
         lance.write_dataset(conform(rows, schema.arrow_schema("failures")), uri, mode=mode)
 
     def delete_failures(self, where: str) -> None:
         """Deletes failure rows matching ``where``."""
         import lance
 
-        if FAILURES in self._table_names():
+        if self._has("failures"):
             lance.dataset(self._uri(FAILURES)).delete(where)
 
     def delete(self, where: str, encoder: str | None = None) -> int:

@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cytostore import schema
+from cytostore.store import schema
 from cytostore.embed import MAX_CELLS_PER_TASK, CropSpec, Embedder, plan_tasks, process_task
 from cytostore.errors import CytostoreError, InputError, ProvenanceError
 from cytostore.keys import UidSet
-from cytostore.ingest import FailureLog, _clear_resolved_failures, _to_arrow, failed_cells
+from cytostore.ingest.stages import FailureLog, clear_resolved_failures, failed_cells, to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def _write_batch(batch: pa.Table, uri: str, target: pa.Schema, run_id: str) -> p
     frags: list[str] = []
     if rows:
         emb = np.concatenate([o["embedding"] for o in outs if len(o["cells"])])
-        table = _to_arrow(rows, emb, target, run_id)
+        table = to_arrow(rows, emb, target, run_id)
         frags = [f.to_json() for f in write_fragments(table, uri, schema=target, max_rows_per_file=1 << 20)]
     summary = {"failures": [f for o in outs for f in o["failures"]],
                "skipped": sum(o["skipped"] for o in outs),
@@ -210,7 +210,7 @@ def run_ray(store, table: str, source, encoder, prov: dict, config, report, prog
     if wave:
         run.wave(wave)
     run.commit()
-    _clear_resolved_failures(store, table)
+    clear_resolved_failures(store, table)
     report.slides = len(run.slides)
     rows_after = store.count(table) if store.has_table(table) else 0
     if rows_after != rows_before + report.cells_added:  # pragma: no cover - another writer ignored the lock

@@ -37,7 +37,7 @@ def _schema_dir() -> Path:
     packaged = resources.files("cytostore") / "schemas"
     if packaged.is_dir():
         return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "schemas"
+    return Path(__file__).resolve().parents[2] / "schemas"
 
 
 @lru_cache(maxsize=None)

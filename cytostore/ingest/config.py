@@ -1,0 +1,54 @@
+"""How an ingest runs (IngestConfig) and what it did (IngestReport)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cytostore.imaging import CropPolicy
+
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How an ingest runs."""
+
+    encoder: str = "efficientnet_lite0"  # registry, timm or hub name
+    weights: str | None = None  # local checkpoint loaded into the encoder
+    table: str | None = None  # cell-table name; default derived from the encoder name
+    crop: CropPolicy = field(default_factory=CropPolicy)  # crop geometry
+    detector: Any = None  # DetectorParams for sources without coordinates
+    device: str = "auto"  # auto, cpu or cuda
+    precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16
+    batch_size: int = 64  # cells per forward pass
+    workers: int = 0  # DataLoader worker processes reading and cropping
+    embedding_dtype: str = "float16"  # stored dtype: float16 or float32
+    commit_rows: int = 0  # rows per commit; 0 = one batch
+    wait_for_lock: bool = False  # wait for another writer instead of exiting
+    engine: str = "local"  # local (this process) or ray (a Ray Data pipeline)
+    ray_address: str | None = None  # Ray cluster to join; None starts a local one
+    gpus_per_worker: float = 0.0  # GPU share of each Ray encoder actor (0 = one GPU when there are GPUs)
+    ray_actors: int = 0  # Ray encoder actors; 0 = one per GPU share, or half the CPU cores
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did."""
+
+    store: str
+    table: str
+    run_id: str
+    cells_added: int = 0
+    cells_skipped: int = 0
+    cells_failed: int = 0
+    slides: int = 0
+    seconds: float = 0.0
+    cells_per_second: float = 0.0
+    failures: list[dict[str, Any]] = field(default_factory=list)  # the first ones, for the summary
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
