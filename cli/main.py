@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Optional
+
 import typer
 
+from cli.common import DEBUG, report_unexpected
 from cli.fewshot import fewshot_app
 from cli.info import encoders_cmd, info_cmd
 from cli.ingest import ingest_cmd
@@ -18,6 +22,30 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from cytostore import __version__
+
+        typer.echo(f"cytostore {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Print the traceback of an unexpected internal error (exit 3)."),
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                           help="Print the version and exit."),
+) -> None:
+    """A cell-level feature store for cytology: ingest, search, classify, map.
+
+    Exit codes: 0 ok; 1 finished, some inputs failed (recorded in the store); 2 usage or input
+    error (the message says how to fix it); 3 unexpected internal error (see --debug).
+    """
+    DEBUG["on"] = debug
+
+
 app.command("ingest")(ingest_cmd)
 app.command("info")(info_cmd)
 app.command("encoders")(encoders_cmd)
@@ -28,8 +56,16 @@ register_maps(app)  # `map`, `mosaic` and `qc`
 
 
 def main() -> None:
-    """Entry point of the console script."""
-    app()
+    """Entry point of the console script: anything that escapes a command exits 3, never 1."""
+    try:
+        app(standalone_mode=True)
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - the last line of defence of the exit-code contract
+        try:
+            report_unexpected(e)
+        except typer.Exit as done:
+            sys.exit(done.exit_code)
 
 
 if __name__ == "__main__":
