@@ -254,3 +254,44 @@ def test_eval_seeded_and_beats_chance(small_store):
     # classes include look-alikes (normal, ovalocyte, target cell); chance is 0.2.
     assert a["accuracy"] > 0.4
     assert a["chance"] == 0.2
+
+
+def test_predictions_are_versions_not_merge_insert_and_survive_cleanup(store, tmp_path, monkeypatch):
+    import datetime as dt
+
+    import lance
+
+    from cytostore.fewshot import fit, predict
+    from cytostore.store.pins import pins
+
+    sup, _ = _support_file(tmp_path / "support.csv", store)
+    fit(store, sup, "rbc")
+    first = predict(store, "rbc")
+    s = CellStore.open(store)
+    n = s.count()
+
+    def no_merge_insert(*a, **k):
+        raise AssertionError("predictions must not use merge_insert")
+
+    monkeypatch.setattr(lance.LanceDataset, "merge_insert", no_merge_insert)
+    second = predict(store, "rbc", where="slide_id = 'chula-1'")
+    pred = read_predictions(store, "rbc")
+    assert pred.num_rows == n and len(set(pred.column("uid").to_pylist())) == n
+    assert second["predictions_version"] == first["predictions_version"] + 1
+
+    # A predict killed while writing leaves the previous version whole.
+    def boom(*a, **k):
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(lance, "write_dataset", boom)
+    with pytest.raises(RuntimeError):
+        predict(store, "rbc", where="slide_id = 'chula-27'")
+    monkeypatch.undo()
+    assert read_predictions(store, "rbc").num_rows == n
+
+    # The versions the predictions were made from are pinned and survive version cleanup.
+    cells_uri = s.table_uri(s.resolve())
+    assert pins(cells_uri)["predictions.rbc"] == second["cells_version"]
+    assert pins(s.uri("prototypes", "rbc"))["predictions"] == second["prototypes_version"]
+    lance.dataset(cells_uri).cleanup_old_versions(older_than=dt.timedelta(0), error_if_tagged_old_versions=False)
+    assert lance.dataset(cells_uri, version=second["cells_version"]).count_rows() == n

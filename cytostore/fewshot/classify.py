@@ -33,6 +33,8 @@ from cytostore.fewshot.tables import (
     write_prototypes,
 )
 from cytostore.store import CellStore, embedding_matrix
+from cytostore.store.layout import is_uri
+from cytostore.store.pins import pin
 
 BATCH_ROWS = 16384  # cells scored at a time when no transductive step needs them all
 
@@ -71,6 +73,8 @@ def fit(store: CellStore | str | Path, support: str | Path, name: str, encoder: 
         "classes": counts, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     version = write_prototypes(s, name, protos, metadata)
+    if not is_uri(s.root):  # the cell-table version the set was fitted from survives version cleanup
+        pin(s.table_uri(table), f"prototypes.{name}", int(ds.version))
     return {"name": name, "version": version, "table": table, "table_version": int(ds.version),
             "support_kind": sup.kind, "support": int(len(sup.labels)), "classes": counts,
             "prototypes": int(len(protos.labels)), "config": config.to_dict()}
@@ -154,6 +158,9 @@ def predict(store: CellStore | str | Path, name: str, where: str | None = None,
         raise InputError(f"no cells of table {table!r} match {where!r}; nothing to predict")
     rows = pa.concat_tables(parts)
     version = write_predictions(s, name, rows)
+    if not is_uri(s.root):  # what the predictions were made from survives version cleanup
+        pin(s.table_uri(table), f"predictions.{name}", cells_version)
+        pin(s.uri("prototypes", name), "predictions", pset.version)
     totals: Counter = Counter()
     for c in counts.values():
         totals.update(c)

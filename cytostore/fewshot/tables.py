@@ -169,21 +169,44 @@ def load_prototypes(store: CellStore | str | Path, name: str, version: int | Non
 
 
 def write_predictions(store: CellStore, name: str, rows: pa.Table) -> int:
-    """Upserts prediction rows (by uid) into ``predictions.<name>``; returns the new version."""
+    """Writes prediction rows as a new version of ``predictions.<name>``; returns that version.
+
+    Rows for cells predicted before and not in ``rows`` are carried over; cells in
+    ``rows`` get their new prediction. The new version is written whole (streamed
+    from the previous version's files, which a version never changes) and committed
+    at once under the prediction set's writer lock: no ``merge_insert``, so a killed
+    predict leaves the previous version intact and concurrent writers wait or stop.
+    """
     import lance
+
+    from cytostore.keys import UidSet
+    from cytostore.store import conform
+    from cytostore.store.layout import is_uri
+    from cytostore.store.lock import WriterLock
 
     sch = schema.arrow_schema("predictions", metadata={"schema": "predictions",
                                                         "schema_version": schema.version("predictions"),
                                                         "prototypes": name})
-    from cytostore.store import conform
-
     rows = conform(rows, sch)
     uri = _uri(store, "predictions", name)
-    if not Path(uri).is_dir() and "://" not in uri:
-        return int(lance.write_dataset(rows, uri, schema=sch, mode="create").version)
-    ds = lance.dataset(uri)
-    ds.merge_insert("uid").when_matched_update_all().when_not_matched_insert_all().execute(rows)
-    return int(lance.dataset(uri).version)
+    lock = None if is_uri(store.root) else WriterLock(store.root, f"predictions.{name}").acquire(wait=True, timeout_s=600)
+    try:
+        if not store._has("predictions", name):
+            return int(lance.write_dataset(rows, uri, schema=sch, mode="create").version)
+        new = UidSet(rows.column("uid").to_numpy())
+
+        def batches():
+            for b in lance.dataset(uri).to_batches(batch_size=65_536):
+                keep = ~new.contains(b.column("uid").to_numpy())
+                if keep.any():
+                    yield from conform(pa.Table.from_batches([b]).filter(pa.array(keep)), sch).to_batches()
+            yield from rows.to_batches()
+
+        reader = pa.RecordBatchReader.from_batches(sch, batches())
+        return int(lance.write_dataset(reader, uri, schema=sch, mode="overwrite").version)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def read_predictions(store: CellStore | str | Path, name: str, columns: list[str] | None = None,
