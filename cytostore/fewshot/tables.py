@@ -124,7 +124,7 @@ class PrototypeSet:
 
 def write_prototypes(store: CellStore, name: str, protos: Prototypes, metadata: dict[str, Any]) -> int:
     """Writes a prototype set as a new version of ``prototypes.<name>``; returns that version."""
-    import lance
+    from cytostore.store.derived import write_version
 
     dim = protos.vectors.shape[1]
     sch = schema.arrow_schema("prototypes", dim=dim, embedding_dtype="float32", metadata=metadata)
@@ -135,10 +135,7 @@ def write_prototypes(store: CellStore, name: str, protos: Prototypes, metadata: 
         pa.FixedSizeListArray.from_arrays(flat, dim),
         pa.array(protos.n_support.astype(np.int32), pa.int32()),
     ], schema=sch)
-    uri = _uri(store, "prototypes", name)
-    exists = Path(uri).is_dir() if "://" not in uri else name in prototype_sets(store)
-    ds = lance.write_dataset(table, uri, schema=sch, mode="overwrite" if exists else "create")
-    return int(ds.version)
+    return write_version(store.root, "prototypes", check_name(name), sch, lambda current: table)
 
 
 def load_prototypes(store: CellStore | str | Path, name: str, version: int | None = None) -> PrototypeSet:
@@ -181,32 +178,28 @@ def write_predictions(store: CellStore, name: str, rows: pa.Table) -> int:
 
     from cytostore.keys import UidSet
     from cytostore.store import conform
-    from cytostore.store.layout import is_uri
-    from cytostore.store.lock import WriterLock
+    from cytostore.store.derived import write_version
 
     sch = schema.arrow_schema("predictions", metadata={"schema": "predictions",
                                                         "schema_version": schema.version("predictions"),
                                                         "prototypes": name})
     rows = conform(rows, sch)
-    uri = _uri(store, "predictions", name)
-    lock = None if is_uri(store.root) else WriterLock(store.root, f"predictions.{name}").acquire(wait=True, timeout_s=600)
-    try:
-        if not store._has("predictions", name):
-            return int(lance.write_dataset(rows, uri, schema=sch, mode="create").version)
-        new = UidSet(rows.column("uid").to_numpy())
+    new = UidSet(rows.column("uid").to_numpy())
+
+    def make(current: int | None):
+        if current is None:
+            return rows
 
         def batches():
-            for b in lance.dataset(uri).to_batches(batch_size=65_536):
+            for b in lance.dataset(_uri(store, "predictions", name), version=current).to_batches(batch_size=65_536):
                 keep = ~new.contains(b.column("uid").to_numpy())
                 if keep.any():
                     yield from conform(pa.Table.from_batches([b]).filter(pa.array(keep)), sch).to_batches()
             yield from rows.to_batches()
 
-        reader = pa.RecordBatchReader.from_batches(sch, batches())
-        return int(lance.write_dataset(reader, uri, schema=sch, mode="overwrite").version)
-    finally:
-        if lock is not None:
-            lock.release()
+        return pa.RecordBatchReader.from_batches(sch, batches())
+
+    return write_version(store.root, "predictions", check_name(name), sch, make)
 
 
 def read_predictions(store: CellStore | str | Path, name: str, columns: list[str] | None = None,

@@ -20,6 +20,7 @@ import pyarrow as pa
 from cytostore.store import schema
 from cytostore.errors import InputError, StoreError
 from cytostore.store import CellStore, embedding_matrix
+from cytostore.store.derived import write_version
 
 MIN_CELLS = 5  # below this UMAP has no neighbourhood graph to speak of
 
@@ -114,7 +115,7 @@ def compute_umap(store: CellStore | str | Path, encoder: str | None = None, samp
     meta.update({"schema": "umap", "schema_version": schema.version("umap"), "table": table,
                  "table_version": int(ds.version)})
     out = pa.Table.from_pydict(coords, schema=schema.arrow_schema("umap", metadata=meta))
-    lance.write_dataset(out, uri, schema=out.schema, mode="overwrite" if Path(uri).is_dir() else "create")
+    write_version(s.root, "umap", table, out.schema, lambda current: out)
     return _result(out, {**meta, "reused": False})
 
 
