@@ -1,4 +1,4 @@
-"""`cytostore index build|verify` and `cytostore search`."""
+"""`cytostore index build|update|verify` and `cytostore search`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import emit_json, handle_errors, progress_bar
-from cytostore.index import KINDS, build_index, verify_index
+from cytostore.index import KINDS, build_index, update_index, verify_index
 from cytostore.search import montage, run_search
 
 index_app = typer.Typer(help="Build and check the similar-cell index of a cell table.", no_args_is_help=True)
@@ -58,15 +58,53 @@ def build_cmd(
         typer.echo(f"  note: {note}")
 
 
+@index_app.command("update")
+def update_cmd(store: StoreOpt, encoder: EncoderOpt = None, as_json: JsonOpt = False) -> None:
+    """Add the cells appended since the build to the index in place (remove deleted/changed ones).
+
+    Exit 0 when updated or nothing to do, 1 when past the rebuild threshold (run the printed build command).
+    """
+    with handle_errors():
+        bar = progress_bar(None, "cells", not as_json)
+
+        def on_progress(done: int, total: int) -> None:
+            if bar is not None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+        try:
+            out = update_index(store, encoder, progress=on_progress)
+        finally:
+            if bar is not None:
+                bar.close()
+    side = out.pop("sidecar", None)
+    if as_json:
+        emit_json({**out, "rows_indexed": side["rows"] if side else None})
+    elif out["action"] == "updated":
+        typer.echo(f"index of table {out['table']} updated to version {out['table_version']}: +{out['added']} cells, "
+                   f"-{out['removed']} removed ({out['changed']} changed), {side['rows']} indexed, {out['seconds']:.1f} s")
+        if out.get("kept_filtered"):
+            typer.echo(f"  {out['kept_filtered']} deleted cells stay in the {side['kind']} graph, filtered at search")
+        for note in out.get("notes", []):
+            typer.echo(f"  note: {note}")
+    elif out["action"] == "none":
+        typer.echo(f"index of table {out['table']}: nothing to update ({out['reason']})")
+    else:
+        typer.echo(f"index of table {out['table']}: rebuild: {out['reason']}\n  fix: {out['fix']}")
+    if out["action"] == "rebuild":
+        raise typer.Exit(1)
+
+
 @index_app.command("verify")
 def verify_cmd(store: StoreOpt, encoder: EncoderOpt = None, as_json: JsonOpt = False) -> None:
-    """Check the index against its table; exit 1 when stale (what changed, and the fix), 0 when fresh."""
+    """Check the index against its table; exit 1 when stale or broken (what is wrong, and the fix), 0 when fresh."""
     with handle_errors():
         report = verify_index(store, encoder)
     if as_json:
         emit_json(report)
     else:
-        state = "fresh" if report["fresh"] else "STALE"
+        state = "fresh" if report["fresh"] else "BROKEN" if report["broken"] else "STALE"
         built = (f"index built on version {report['index_table_version']}, {report['rows_indexed']} cells"
                  if report["exists"] else "no index")
         typer.echo(f"index of table {report['table']}: {state} (table version {report['table_version']}, "
@@ -76,6 +114,8 @@ def verify_cmd(store: StoreOpt, encoder: EncoderOpt = None, as_json: JsonOpt = F
         if report.get("note"):
             typer.echo(f"  note: {report['note']}")
         if not report["fresh"]:
+            if report.get("update") and not report["broken"]:
+                typer.echo(f"  update in place: {report['update']}")
             typer.echo(f"  fix: {report['fix']}")
     if not report["fresh"]:
         raise typer.Exit(1)
@@ -125,6 +165,6 @@ def search_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    """Adds `index build|verify` and `search` to the main app."""
+    """Adds `index build|update|verify` and `search` to the main app."""
     app.add_typer(index_app, name="index")
     app.command("search")(search_cmd)

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from cytostore.errors import InputError, ProvenanceError, StoreError
 from cytostore.index import (BoundIndex, as_store, faiss_module, load_index, prepare, raw_search, rebuild_command,
-                             schema_provenance)
+                             schema_provenance, update_command)
 from cytostore.keys import cell_uid
 from cytostore.store import CellStore
 
@@ -43,6 +43,12 @@ class SearchResult:
         """JSON-ready: query, results (rows without thumbnails), index, notes."""
         rows = self.table.drop_columns([c for c in ("thumbnail",) if c in self.table.column_names]).to_pylist()
         return {"query": self.query, "results": rows, "index": self.index, "notes": self.notes}
+
+    def to_polars(self):
+        """The neighbours as a polars DataFrame (best first; thumbnails as binary when asked)."""
+        import polars as pl
+
+        return pl.from_arrow(self.table)
 
 
 def _sql(value: str) -> str:
@@ -219,8 +225,8 @@ def run_search(store: CellStore | str | Path, slide_id: str | None = None, cell_
         raise InputError(f"-k must be a positive whole number, got {k!r}")
     store = as_store(store)
     bound = load_index(store, encoder, device=device)
-    if bound.index is None and len(bound.uids) > EXACT_MAX_UNINDEXED:
-        raise StoreError(f"table {bound.table!r} has {len(bound.uids)} cells and no index; "
+    if bound.index is None and bound.count > EXACT_MAX_UNINDEXED:
+        raise StoreError(f"table {bound.table!r} has {bound.count} cells and no usable index; "
                          f"build one with `{rebuild_command(store, bound.table)}`")
     if len(bound.added) > EXACT_MAX_UNINDEXED:
         raise StoreError(f"{len(bound.added)} cells were added since the index was built, too many to search "
@@ -231,7 +237,7 @@ def run_search(store: CellStore | str | Path, slide_id: str | None = None, cell_
         if slide_id is None or cell_id is None:
             raise InputError("a cell query needs both --slide SLIDE_ID and --cell CELL_ID")
         uid = cell_uid(str(slide_id), str(cell_id))
-        if bound.offsets(np.array([uid]))[0] < 0:
+        if not bound.contains(np.array([uid]))[0]:
             raise InputError(f"no cell {cell_id!r} on slide {slide_id!r} in table {bound.table!r}; check the ids "
                              f"with `cytostore info --store {store.root}` or store.cells(where=\"slide_id = {_sql(slide_id)}\")")
         cols = ["uid", "slide_id", "cell_id", "label"] + (["thumbnail"] if thumbnails else [])
@@ -292,7 +298,8 @@ def _index_summary(bound: BoundIndex) -> dict[str, Any]:
     side = bound.info.get("sidecar", {})
     out = {"table": bound.table, "kind": bound.info["kind"], "table_version": int(bound.dataset.version),
            "index_table_version": side.get("table_version"), "searched_exactly": int(len(bound.added)),
-           "deleted_filtered": int(len(bound.deleted))}
+           "deleted_filtered": int(len(bound.deleted)), "changed": int(len(bound.changed)),
+           "located_by": bound.mode}
     for key in ("nprobe", "nlist", "rerank", "ef_search"):
         if key in bound.info:
             out[key] = bound.info[key]
@@ -302,11 +309,12 @@ def _index_summary(bound: BoundIndex) -> dict[str, Any]:
 def _stale_notes(bound: BoundIndex) -> list[str]:
     fix = rebuild_command(bound.store, bound.table)
     if bound.index is None:
-        return [f"table {bound.table!r} has no index: searched its {len(bound.uids)} cells exactly; "
+        return [f"table {bound.table!r} has no usable index: searched its {bound.count} cells exactly; "
                 f"build one with `{fix}`"]
     if len(bound.added) or len(bound.deleted):
-        return [f"index is stale: {len(bound.added)} new cells searched exactly, {len(bound.deleted)} deleted "
-                f"cells filtered out; refresh it with `{fix}`"]
+        return [f"index is stale: {len(bound.added)} new or changed cells searched exactly, {len(bound.deleted)} "
+                f"deleted or replaced cells filtered out; refresh it with `{update_command(bound.store, bound.table)}` "
+                f"(or `{fix}`)"]
     return []
 
 
@@ -314,7 +322,7 @@ def search(store: CellStore | str | Path, slide_id: str | None = None, cell_id: 
            image: str | Path | None = None, x: float | None = None, y: float | None = None,
            vector: np.ndarray | str | Path | None = None, k: int = 10, where: str | None = None,
            exclude_same_slide: bool = False, encoder: str | None = None, device: str = "cpu",
-           thumbnails: bool = False) -> pa.Table:
+           thumbnails: bool = False, as_polars: bool = False):
     """The ``k`` cells most similar to a query, best first (cosine similarity by default).
 
     Give one query: a stored cell (``slide_id`` + ``cell_id``; it is never among
@@ -331,6 +339,7 @@ def search(store: CellStore | str | Path, slide_id: str | None = None, cell_id: 
         device: cpu, cuda or auto: where an ``image`` query is embedded and, with a GPU build of
             faiss, where unfiltered searches run (else the CPU, with a note).
         thumbnails: add the stored JPEG thumbnails.
+        as_polars: return a polars DataFrame (same columns, without the metadata).
 
     Returns:
         Arrow table: rank, score, uid, slide_id, cell_id, label, slide_label, x, y, image;
@@ -338,6 +347,8 @@ def search(store: CellStore | str | Path, slide_id: str | None = None, cell_id: 
     """
     res = run_search(store, slide_id, cell_id, image=image, x=x, y=y, vector=vector, k=k, where=where,
                      exclude_same_slide=exclude_same_slide, encoder=encoder, device=device, thumbnails=thumbnails)
+    if as_polars:
+        return res.to_polars()
     meta = {"query": res.query, "index": res.index, "notes": res.notes}
     return res.table.replace_schema_metadata({b"cytostore.search": json.dumps(meta, default=str).encode()})
 
