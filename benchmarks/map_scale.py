@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cytostore.store import schema  # noqa: E402
 from cytostore.keys import cell_uid  # noqa: E402
 from cytostore.store import CellStore, conform, embedding_matrix  # noqa: E402
+from cytostore.store.writer import CellWriter  # noqa: E402
 
 TABLE = "generated"
 CELLS_PER_SLIDE = 40
@@ -78,6 +79,7 @@ def build_store(path: Path, real_store: str, cells: int, seed: int, chunk: int =
     rng = np.random.default_rng(seed)
     labels_a = np.array(labels, dtype=object)
     thumbs_a = np.array(thumbs, dtype=object)
+    writer = CellWriter(store, TABLE)
     for start in range(0, cells, chunk):
         n = min(chunk, cells - start)
         v, src = generate(real, neighbours, spread, n, rng)
@@ -92,8 +94,9 @@ def build_store(path: Path, real_store: str, cells: int, seed: int, chunk: int =
             "thumbnail": pa.array(thumbs_a[src].tolist(), pa.binary()), "run_id": ["map_scale"] * n,
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(v.astype(dtype).ravel()), dim),
         }
-        store.append(TABLE, conform(pa.Table.from_pydict(cols), sch))
+        writer.append(conform(pa.Table.from_pydict(cols), sch))
         print(f"  generated {start + n} cells", file=sys.stderr, flush=True)
+    writer.close()
     return {"real_cells": len(real), "dim": dim, "dtype": dtype, "seconds": round(time.perf_counter() - t0, 1)}
 
 

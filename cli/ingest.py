@@ -36,6 +36,8 @@ def ingest_cmd(
     engine: Annotated[str, typer.Option(help="local (this process) or ray (a Ray Data pipeline; needs the [scale] extra).")] = "local",
     address: Annotated[Optional[str], typer.Option(help="--engine ray: the Ray cluster to join (default: start a local one).")] = None,
     gpus_per_worker: Annotated[float, typer.Option(help="--engine ray: GPU share per encoder actor (0 = one GPU each when the cluster has GPUs).")] = 0.0,
+    commit_rows: Annotated[int, typer.Option(help="Commit once this many cells are pending (0 = 65,536).")] = 0,
+    commit_seconds: Annotated[float, typer.Option(help="... or this many seconds after the last commit (0 = 30).")] = 0.0,
     wait: Annotated[bool, typer.Option(help="Wait for another ingest writing the same table instead of exiting.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary as the last line.")] = False,
 ) -> None:
@@ -53,7 +55,7 @@ def ingest_cmd(
             crop=CropPolicy(crop_size=crop_size, box_margin=box_margin), detector=detector, device=device,
             precision=precision, batch_size=batch_size, workers=workers,
             embedding_dtype="float32" if float32 else "float16", engine=engine, ray_address=address,
-            gpus_per_worker=gpus_per_worker,
+            gpus_per_worker=gpus_per_worker, commit_rows=commit_rows, commit_seconds=commit_seconds,
         )
         total_cells = len(src) if hasattr(src, "__len__") else None
         total_images = getattr(src, "n_images", None)

@@ -14,6 +14,7 @@ from cli.ingest import ingest_cmd
 from cli.maps import register as register_maps
 from cli.mil import mil_app
 from cli.search import register as register_search
+from cli.store import store_app
 
 app = typer.Typer(
     name="cytostore",
@@ -51,6 +52,7 @@ app.command("info")(info_cmd)
 app.command("encoders")(encoders_cmd)
 app.add_typer(mil_app, name="mil")
 app.add_typer(fewshot_app, name="fewshot")
+app.add_typer(store_app, name="store")
 register_search(app)  # `index build|verify` and `search`
 register_maps(app)  # `map`, `mosaic` and `qc`
 

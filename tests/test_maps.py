@@ -25,6 +25,7 @@ from cli.main import app
 from conftest import sample_rows
 from cytostore import CellStore
 from cytostore.store import schema
+from cytostore.store.writer import append_rows, delete_rows
 from cytostore.imaging import Picture, crop_cell, thumbnail_bytes
 from cytostore.keys import cell_uid
 
@@ -157,8 +158,8 @@ def test_recomputed_after_append(store, tmp_path):
     rng = np.random.default_rng(3)
     extra = _rows(sample_rows(["chula-1"])[:10], 10_000, rng, {r["label"]: np.zeros(DIM) for r in sample_rows(FIELDS)},
                   {"chula-1": np.zeros(DIM)})
-    s.append(TABLE, extra)
-    s.delete("cell_id IN ('c1', 'c2', 'c300')", TABLE)  # row offsets shift: coordinates must follow uids
+    append_rows(s, TABLE, extra)
+    delete_rows(s, TABLE, "cell_id IN ('c1', 'c2', 'c300')")  # row offsets shift: coordinates must follow uids
     out = compute_umap(path, TABLE, params=UmapParams(**PARAMS))
     meta = schema.read_metadata(out.schema)
     assert meta["reused"] is False and meta["table_version"] == s.dataset(TABLE).version > v0
@@ -320,7 +321,7 @@ def test_qc_json(store, tmp_path):
         if emb is not None:
             row = row.set_column(row.schema.get_field_index("embedding"), "embedding",
                                  pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), DIM))
-        s.append(TABLE, row.cast(ds.schema))
+        append_rows(s, TABLE, row.cast(ds.schema))
 
     r = runner.invoke(app, ["qc", "--store", str(path), "--encoder", TABLE, "--min-cells-per-slide", "20", "--json"])
     assert r.exit_code == 0, r.output

@@ -40,7 +40,7 @@ def _rows(path: Path) -> int:
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(small_store, small_manifest, tmp_path, kill_after_rows):
     path = tmp_path / "store"
     cmd = [sys.executable, "-m", "cli.main", "ingest", str(small_manifest), "--store", str(path),
-           "--batch-size", "32", "--json"]
+           "--batch-size", "32", "--commit-rows", "32", "--json"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while _rows(path) < kill_after_rows and proc.poll() is None and time.monotonic() < deadline:

@@ -16,6 +16,7 @@ from cytostore import CellStore
 from cytostore.errors import InputError, ProvenanceError
 from cytostore.index import IndexParams, build_index, gpu_available, load_index, prepare, verify_index
 from cytostore.search import knn, montage_size, run_search, search
+from cytostore.store.writer import append_rows, delete_rows
 
 from conftest import sample_rows, write_manifest
 
@@ -103,7 +104,7 @@ def test_deleted_cells_are_never_returned(store):
     emb, keys = s.embeddings(where="slide_id = 'chula-27'")
     gone = keys.column("cell_id").to_pylist()[:20]
     gone_uids = set(keys.column("uid").to_pylist()[:20])
-    n = s.delete("slide_id = 'chula-27' AND cell_id IN (" + ", ".join(f"'{c}'" for c in gone) + ")")
+    n = delete_rows(s, s.resolve(), "slide_id = 'chula-27' AND cell_id IN (" + ", ".join(f"'{c}'" for c in gone) + ")")
     assert n == 20
     rep = verify_index(store)
     assert not rep["fresh"] and rep["deleted"] == 20 and rep["added"] == 0
@@ -205,7 +206,7 @@ def _synthetic_store(path: Path, n: int = 3000, dim: int = 48, seed: int = 0) ->
             "thumbnail": [b""] * n, "run_id": ["t"] * n,
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)}
     rows = pa.table({f.name: (cols[f.name] if f.name in cols else pa.nulls(n, f.type)) for f in target}).cast(target)
-    CellStore.create(path).append("synthetic", rows)
+    append_rows(CellStore.create(path), "synthetic", rows)
     return x
 
 

@@ -1,7 +1,8 @@
 """Ingest: source -> crops -> encoder -> cell table, resumable and idempotent.
 
-Rows are committed in batches (one Lance commit each), so a killed ingest loses
-at most the batch in flight; a re-run skips every cell already stored. Two
+Rows go through the table's one writer (``cytostore.store.writer``), which commits
+them by size or time (one atomic Lance commit each), so a killed ingest loses at
+most the rows not yet committed; a re-run skips every cell already stored. Two
 engines share the same stages (``stages``): ``local`` (this process) and ``ray``.
 """
 
@@ -17,9 +18,9 @@ from cytostore.encoders import create_encoder
 from cytostore.errors import InputError
 from cytostore.ingest.config import ENGINES, IngestConfig, IngestReport
 from cytostore.ingest.local import run_local
-from cytostore.ingest.provenance import make_provenance
-from cytostore.store import CELLS_PREFIX, CellStore, schema, table_name_for
-from cytostore.store.lock import WriterLock
+from cytostore.ingest.provenance import detector_identity, make_provenance, resolve_compute, uses_detector
+from cytostore.store import CellStore, schema, table_name_for
+from cytostore.store.writer import CellWriter, CommitPolicy
 from cytostore.store.provenance import check_compatible
 
 __all__ = ["ENGINES", "IngestConfig", "IngestReport", "ingest"]
@@ -54,31 +55,49 @@ def ingest(source, store_path: str | Path, config: IngestConfig = IngestConfig()
     store = CellStore.create(store_path)
     encoder = create_encoder(config.encoder, config.weights)
     table = table_name_for(config.table or encoder.name)
-    prov = make_provenance(encoder, config.crop, config.embedding_dtype)
+    prov = make_provenance(encoder, config.crop, config.embedding_dtype, compute=_compute(config),
+                           detector=detector_identity(config.detector) if uses_detector(source) else None)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     report = IngestReport(store=store.root, table=table, run_id=run_id)
-    lock = None
-    if "://" not in store.root:
-        lock = WriterLock(store.root, CELLS_PREFIX + table).acquire(wait=config.wait_for_lock)
-    else:
+    writer = CellWriter(store, table, commit_policy(config), wait=config.wait_for_lock)
+    if writer.lock is None:
         report.notes.append("object-store URI: no writer lock; run one ingest per table at a time")
     try:
         if store.has_table(table):
-            stored_prov = schema.read_metadata(store.dataset(table).schema)
-            for d in check_compatible(table, stored_prov, prov):
-                report.notes.append(f"library version differs from the table's: {d}")
+            compat = check_compatible(table, store.provenance(table), prov)  # ProvenanceError on identity
+            report.notes += compat.notes
+            if compat.record is not None:  # an older layout, or fields the table had not fixed yet
+                schema.write_metadata(store.table_uri(table), compat.record)
         if config.engine == "ray":
             from cytostore.ingest.ray import run_ray
 
-            run_ray(store, table, source, encoder, prov, config, report, progress)
+            run_ray(store, table, source, encoder, prov, config, report, progress, writer)
         else:
-            run_local(store, table, source, encoder, prov, config, report, progress)
-        store.compact(table)
-    finally:
-        if lock is not None:
-            lock.release()
+            run_local(store, table, source, encoder, prov, config, report, progress, writer)
+    except BaseException:
+        writer.abort()  # what was committed stays; a re-run skips it
+        raise
+    writer.close()  # commits nothing new here (the engines flushed); compacts, cleans up, unlocks
     report.seconds = round(time.perf_counter() - t0, 3)
     report.cells_per_second = round(report.cells_added / report.seconds, 2) if report.seconds else 0.0
     return report
 
 
+def _compute(config: IngestConfig) -> dict[str, str]:
+    # Device kind and precision the encoder will really run in (Ray: what its actors get).
+    if config.engine == "ray":
+        from cytostore.ingest.ray import plan_cluster, start_ray
+
+        device = plan_cluster(start_ray(config.ray_address), config).device
+        return resolve_compute(device, config.precision, local=False)
+    return resolve_compute(config.device, config.precision)
+
+
+def commit_policy(config: IngestConfig) -> CommitPolicy:
+    """The writer's commit policy for an ingest config (0 = the writer's defaults)."""
+    if config.commit_rows < 0 or config.commit_seconds < 0:
+        raise InputError(f"--commit-rows and --commit-seconds must be 0 (default) or more, got "
+                         f"{config.commit_rows} and {config.commit_seconds}")
+    default = CommitPolicy()
+    return CommitPolicy(commit_rows=config.commit_rows or default.commit_rows,
+                        commit_seconds=config.commit_seconds or default.commit_seconds)

@@ -24,7 +24,8 @@ class IngestConfig:
     batch_size: int = 64  # cells per forward pass
     workers: int = 0  # DataLoader worker processes reading and cropping
     embedding_dtype: str = "float16"  # stored dtype: float16 or float32
-    commit_rows: int = 0  # rows per commit; 0 = one batch
+    commit_rows: int = 0  # commit once this many rows are pending; 0 = the writer's default (65,536)
+    commit_seconds: float = 0.0  # ... or this long after the last commit; 0 = the writer's default (30 s)
     wait_for_lock: bool = False  # wait for another writer instead of exiting
     engine: str = "local"  # local (this process) or ray (a Ray Data pipeline)
     ray_address: str | None = None  # Ray cluster to join; None starts a local one

@@ -10,8 +10,9 @@ A Ray Data pipeline of three stages over the planned image tasks:
 3. ``write`` (CPU tasks): Lance fragments written straight into the table's
    folder with Lance's distributed write API, not yet visible to readers.
 
-The driver consumes the stream and commits the fragments it receives in
-batches, each an atomic Lance ``Append`` under the table's writer lock. A cell
+The driver consumes the stream and hands the fragments it receives to the
+table's writer (``cytostore.store.writer``), which commits them in batches by
+size or time, each an atomic Lance ``Append`` under the table's writer lock. A cell
 is in the table once its fragment is committed and never before, so a killed
 worker (Ray retries its task) or a killed driver (a re-run skips every
 committed cell) loses no cell and duplicates none. Fragments a killed run wrote
@@ -23,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +38,6 @@ from cytostore.ingest.stages import FailureLog, clear_resolved_failures, failed_
 
 log = logging.getLogger(__name__)
 
-COMMIT_SECONDS = 30.0  # commit at least this often while fragments arrive
-COMMIT_ROWS = 65_536  # ... and whenever this many cells are pending
 TASKS_PER_EMBED_CALL = 1  # image tasks (<= 256 cells each) per encoder actor call
 TASKS_PER_FRAGMENT = 16  # image tasks per written fragment (fewer when commits are smaller)
 WAVE_TASKS = 8192  # image tasks planned and run per pipeline (bounds the driver's memory)
@@ -174,21 +172,19 @@ def _write_batch(batch: pa.Table, uri: str, target: pa.Schema, run_id: str) -> p
                      "summary": pa.array([pickle.dumps(summary)], pa.large_binary())})
 
 
-def run_ray(store, table: str, source, encoder, prov: dict, config, report, progress) -> None:
-    """The Ray engine of ``cytostore.ingest.ingest`` (same arguments, same report)."""
+def run_ray(store, table: str, source, encoder, prov: dict, config, report, progress, writer) -> None:
+    """The Ray engine of ``cytostore.ingest.ingest`` (same arguments, same report, same writer)."""
     ray = start_ray(config.ray_address)
     ray.data.DataContext.get_current().enable_progress_bars = progress is None
     plan = plan_cluster(ray, config)
     report.notes.append(f"ray: {plan.embed_actors} encoder actor(s) on {plan.device}"
                         + (f", {plan.gpus_per_actor:g} GPU each" if plan.gpus_per_actor else ""))
-    stored = store.stored_uids(table)
+    stored = store.stored_keys(table)
     rows_before = store.count(table) if store.has_table(table) else 0
     extra_schema = getattr(source, "extra_schema", None) or pa.schema([])
-    target = schema.arrow_schema("cells", dim=encoder.dim, embedding_dtype=config.embedding_dtype,
-                                 extra=extra_schema, metadata=prov)
-    if store.has_table(table):
-        target = _prepare_existing(store, table, target)
-    run = _RayRun(ray, store, table, target, plan, config, report, progress,
+    target = writer.prepare(schema.arrow_schema("cells", dim=encoder.dim, embedding_dtype=config.embedding_dtype,
+                                                extra=extra_schema, metadata=prov))
+    run = _RayRun(ray, store, writer, target, plan, config, report, progress,
                   CropSpec(config.crop, encoder.input_size, encoder.interpolation, config.detector),
                   ray.put(stored) if len(stored) else None, prov["encoder"].get("weights_sha256"))
     # Planning (listing, membership tests) runs on the driver, streamed in waves
@@ -209,7 +205,7 @@ def run_ray(store, table: str, source, encoder, prov: dict, config, report, prog
             run.images += images
     if wave:
         run.wave(wave)
-    run.commit()
+    writer.flush()
     clear_resolved_failures(store, table)
     report.slides = len(run.slides)
     rows_after = store.count(table) if store.has_table(table) else 0
@@ -221,19 +217,16 @@ def run_ray(store, table: str, source, encoder, prov: dict, config, report, prog
 class _RayRun:
     """Driver-side state of one Ray ingest: pending fragments, counts, commits."""
 
-    def __init__(self, ray, store, table, target, plan, config, report, progress, spec, stored_ref, weights_sha):
-        self.ray, self.store, self.table, self.target = ray, store, table, target
+    def __init__(self, ray, store, writer, target, plan, config, report, progress, spec, stored_ref, weights_sha):
+        self.ray, self.store, self.writer, self.target = ray, store, writer, target
         self.plan, self.config, self.report, self.progress = plan, config, report, progress
         self.spec, self.stored_ref, self.weights_sha = spec, stored_ref, weights_sha
-        self.uri = store.table_uri(table)
-        self.exists = store.has_table(table)  # the folder appears with the first fragment, the table with a commit
-        self.pending: list[Any] = []
-        self.pending_rows = 0
+        self.uri = writer.uri
         self.slides: set[str] = set()
         self.images = 0
-        self.last_commit = time.monotonic()
-        self.commit_rows = config.commit_rows or COMMIT_ROWS
-        self.fails = FailureLog(store, table, report)
+        self.commit_rows = writer.policy.commit_rows
+        self.fails = FailureLog(store, writer.table, report)
+        writer.on_commit(self._committed)
 
     def wave(self, tasks: list[bytes]) -> None:
         """Runs the pipeline over ``tasks``, committing fragments as they arrive."""
@@ -263,45 +256,21 @@ class _RayRun:
                 continue
             seen[idx] = True
             frags = json.loads(batch.column("fragments")[0].as_py())
-            self.pending.extend(FragmentMetadata.from_json(json.dumps(f)) for f in frags)
-            self.pending_rows += batch.column("rows")[0].as_py()
             summary = pickle.loads(batch.column("summary")[0].as_py())
             self.fails.add(summary["failures"], summary["failed_cells"])
             self.report.cells_skipped += summary["skipped"]
             self.slides.update(summary["slides"])
             self.images += summary["images"]
-            if self.pending_rows >= self.commit_rows or time.monotonic() - self.last_commit > COMMIT_SECONDS:
-                self.commit()
+            # The writer commits by size or time (failures are flushed at each of its commits).
+            self.writer.add_fragments([FragmentMetadata.from_json(json.dumps(f)) for f in frags],
+                                      batch.column("rows")[0].as_py())
             if self.progress is not None:
                 r = self.report
-                self.progress(r.cells_added + self.pending_rows + r.cells_skipped + r.cells_failed, self.images, r)
+                self.progress(r.cells_added + self.writer.pending_rows + r.cells_skipped + r.cells_failed,
+                              self.images, r)
 
         log.debug("ray wave of %d tasks: %s", len(tasks), ds.stats())
 
-    def commit(self) -> None:
-        """Makes the pending fragments part of the table in one atomic commit."""
-        import lance
-
-        if self.pending:
-            if self.exists:
-                version = lance.dataset(self.uri).version
-                lance.LanceDataset.commit(self.uri, lance.LanceOperation.Append(list(self.pending)),
-                                          read_version=version)
-            else:
-                lance.LanceDataset.commit(self.uri, lance.LanceOperation.Overwrite(self.target, list(self.pending)))
-                self.exists = True
-            self.report.cells_added += self.pending_rows
-            self.pending.clear()
-            self.pending_rows = 0
+    def _committed(self, rows: int) -> None:
+        self.report.cells_added += rows
         self.fails.flush()
-        self.last_commit = time.monotonic()
-
-
-def _prepare_existing(store, table: str, target: pa.Schema) -> pa.Schema:
-    """Adds new extra columns to an existing table; returns its schema for the fragments."""
-    ds = store.dataset(table)
-    new_cols = [f for f in target if f.name not in ds.schema.names]
-    if new_cols:
-        ds.add_columns([f.with_nullable(True) for f in new_cols])
-        ds = store.dataset(table)
-    return ds.schema

@@ -9,8 +9,10 @@ import numpy as np
 import pyarrow as pa
 
 from cytostore.ingest.config import IngestReport
+from cytostore.keys import key_hashes
 from cytostore.sources.base import SourceFailure
 from cytostore.store import CellStore, schema
+from cytostore.store.writer import append_failures, delete_failures
 
 
 def failed_cells(out: dict[str, Any]) -> int:
@@ -20,7 +22,8 @@ def failed_cells(out: dict[str, Any]) -> int:
 
 class FailureLog:
     """The failures of one ingest run: counted in its report (the first 20 listed),
-    stored once per (where, reason) in the store's failures table at each commit."""
+    stored once per (where, reason) in the store's failures table at each commit
+    (``flush`` is hooked to the writer's commits)."""
 
     def __init__(self, store: CellStore, table: str, report: IngestReport):
         self.store, self.table, self.report = store, table, report
@@ -38,7 +41,7 @@ class FailureLog:
         new = [f for f in self.pending if (f.where, f.reason) not in self.known]
         if new:
             self.known.update((f.where, f.reason) for f in new)
-            self.store.append_failures(failures_to_arrow(new, self.table, self.report.run_id))
+            append_failures(self.store, failures_to_arrow(new, self.table, self.report.run_id))
         self.pending.clear()
 
 
@@ -54,7 +57,7 @@ def clear_resolved_failures(store: CellStore, table: str) -> None:
     present = store.stored_uids(table).contains(np.asarray(uids, dtype=np.int64))
     done = [u for u, p in zip(uids, present) if p]
     if done:
-        store.delete_failures(f"\"table\" = '{table}' AND uid IN ({', '.join(str(u) for u in done)})")
+        delete_failures(store, f"\"table\" = '{table}' AND uid IN ({', '.join(str(u) for u in done)})")
 
 
 def to_arrow(rows: list[dict[str, Any]], emb: np.ndarray, target: pa.Schema, run_id: str) -> pa.Table:
@@ -68,6 +71,8 @@ def to_arrow(rows: list[dict[str, Any]], emb: np.ndarray, target: pa.Schema, run
             cols[f.name] = pa.FixedSizeListArray.from_arrays(flat, f.type.list_size)
         elif f.name == "run_id":
             cols[f.name] = pa.array([run_id] * n, f.type)
+        elif f.name == "key_hash":
+            cols[f.name] = pa.array(key_hashes([r["slide_id"] for r in rows], [r["cell_id"] for r in rows]), f.type)
         elif f.name in base:
             cols[f.name] = pa.array([r[f.name] for r in rows], f.type)
         else:

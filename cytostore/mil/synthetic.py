@@ -16,9 +16,10 @@ import numpy as np
 import pyarrow as pa
 
 from cytostore.store import schema
-from cytostore.keys import cell_uid
+from cytostore.keys import cell_uid, key_hashes
 from cytostore.errors import StoreError
 from cytostore.store import CellStore
+from cytostore.store.writer import CellWriter
 
 
 def synthetic_provenance(dim: int, encoder: str = "synthetic", weights_sha256: str = "0" * 64) -> dict:
@@ -66,6 +67,7 @@ def write_synthetic_store(path: str | Path, slides: Mapping[str, tuple[str, int]
         raise StoreError(f"{store.root} already has a table {table!r}; generate into a new store or table")
     target = schema.arrow_schema("cells", dim=dim, metadata=synthetic_provenance(dim, encoder, weights_sha256))
     rng = np.random.default_rng(seed)
+    writer = CellWriter(store, table)
     thumbs = [_thumbnail(seed + k) for k in range(2)]
     width = max(1, dim // max(len(classes), 1))
     for sid, (label, n) in slides.items():
@@ -80,6 +82,7 @@ def write_synthetic_store(path: str | Path, slides: Mapping[str, tuple[str, int]
             ys = rng.uniform(0, 1000, m)
             cols = {
                 "uid": pa.array([cell_uid(sid, c) for c in ids], pa.int64()),
+                "key_hash": pa.array(key_hashes([sid] * m, ids), pa.int64()),
                 "slide_id": pa.array([sid] * m), "cell_id": pa.array(ids), "x": pa.array(xs), "y": pa.array(ys),
                 "x0": pa.nulls(m, pa.float64()), "y0": pa.nulls(m, pa.float64()),
                 "x1": pa.nulls(m, pa.float64()), "y1": pa.nulls(m, pa.float64()),
@@ -90,5 +93,6 @@ def write_synthetic_store(path: str | Path, slides: Mapping[str, tuple[str, int]
                 "run_id": pa.array(["synthetic"] * m),
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float16).reshape(-1)), dim),
             }
-            store.append(table, pa.Table.from_pydict(cols, schema=target))
+            writer.append(pa.Table.from_pydict(cols, schema=target))
+    writer.close()
     return store

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -12,13 +13,14 @@ import numpy as np
 import pyarrow as pa
 
 from cytostore.errors import StoreError
-from cytostore.keys import UidSet
+from cytostore.keys import KeySet, UidSet, key_hashes
 from cytostore.store import layout, schema
 from cytostore.store.layout import MARKER, is_uri as _is_uri
 
 CELLS_PREFIX = "cells."
 FAILURES = "failures"
 DEFAULT_TABLE = "efficientnet_lite0"
+TABLE_ID_KEY = "cytostore.table_id"  # Lance table config key: a uuid4 hex given at creation
 
 
 def table_name_for(encoder_name: str) -> str:
@@ -31,7 +33,8 @@ class CellStore:
 
     ``cells.<encoder>.lance`` holds one row per cell for one encoder, keyed by
     ``(slide_id, cell_id)`` and by the derived 64-bit ``uid``; ``failures.lance``
-    holds what could not be ingested. Readers never take a lock.
+    holds what could not be ingested. Readers never take a lock; every write goes
+    through ``cytostore.store.writer``.
     """
 
     def __init__(self, root: str | Path):
@@ -120,6 +123,10 @@ class CellStore:
             return layout.relpath(kind, name)[: -len(".lance")] in self._table_names()
         return layout.exists(self.root, kind, name)
 
+    def has(self, kind: str, name: str | None = None) -> bool:
+        """Whether a committed table (or the file) of ``kind`` exists."""
+        return self._has(kind, name)
+
     def has_table(self, table: str) -> bool:
         """Whether the cell table ``table`` exists."""
         return table in self.tables()
@@ -129,6 +136,14 @@ class CellStore:
         import lance
 
         return lance.dataset(self._uri(CELLS_PREFIX + self.resolve(encoder)), version=version)
+
+    def table_id(self, table: str) -> str | None:
+        """The id given to cell table ``table`` at creation (None for tables made before ids existed)."""
+        import lance
+
+        if not self.has_table(table):
+            raise StoreError(f"store {self.root} has no cell table {table!r}; it has {self.tables()}")
+        return lance.dataset(self.table_uri(table)).config().get(TABLE_ID_KEY)
 
     def provenance(self, encoder: str | None = None) -> dict[str, Any]:
         """The provenance stored with an encoder table."""
@@ -192,6 +207,30 @@ class CellStore:
         col = ds.to_table(columns=["uid"]).column("uid")
         return UidSet(col.to_numpy())
 
+    def stored_keys(self, table: str) -> KeySet:
+        """The (uid, key hash) pairs already in a table (16 bytes per cell), to tell a
+        stored cell from a uid collision. Rows without a key hash (layout 1) get it
+        computed from their slide_id and cell_id."""
+        if not self.has_table(table):
+            return KeySet()
+        import lance
+
+        uri = self._uri(CELLS_PREFIX + table)
+        ds = lance.dataset(uri)
+        if "key_hash" in ds.schema.names:
+            t = ds.to_table(columns=["uid", "key_hash"], filter="key_hash IS NOT NULL")
+            uids, keys = [t.column("uid").to_numpy()], [t.column("key_hash").to_numpy()]
+            old = ds.to_table(columns=["uid", "slide_id", "cell_id"], filter="key_hash IS NULL")
+        else:
+            uids, keys = [], []
+            old = ds.to_table(columns=["uid", "slide_id", "cell_id"])
+        if old.num_rows:
+            uids.append(old.column("uid").to_numpy())
+            keys.append(key_hashes(old.column("slide_id").to_pylist(), old.column("cell_id").to_pylist()))
+        if not uids:
+            return KeySet(resolve=functools.partial(stored_key, uri))
+        return KeySet(np.concatenate(uids), np.concatenate(keys), resolve=functools.partial(stored_key, uri))
+
     def failures(self) -> pa.Table:
         """Every recorded ingest failure (empty when none)."""
         import lance
@@ -222,7 +261,8 @@ class CellStore:
                 "slides": len(table_slides),
                 "version": ds.version,
                 "fragments": len(ds.get_fragments()),
-                "bytes": _dir_bytes(self._uri(CELLS_PREFIX + name)),
+                "bytes": folder_bytes(self._uri(CELLS_PREFIX + name)),  # the whole folder: honest disk use
+                "live_bytes": live_bytes(ds),  # data files of the current version only
                 "labels": labels,
                 "extra_columns": [n for n in ds.schema.names if n not in schema.column_names("cells")],
                 "provenance": schema.read_metadata(ds.schema),
@@ -231,57 +271,13 @@ class CellStore:
         return {"store": self.root, "cells": cells, "slides": len(slides), "tables": tables,
                 "failures": failures.num_rows}
 
-    # -- writing (used by ingest, under the table's writer lock) -----------------
-    def append(self, table: str, rows: pa.Table) -> None:
-        """Appends rows to a cell table in one atomic commit, creating it on first use."""
-        import lance
 
-        uri = self._uri(CELLS_PREFIX + table)
-        if self.has_table(table):
-            ds = lance.dataset(uri)
-            new_cols = [f for f in rows.schema if f.name not in ds.schema.names]
-            if new_cols:
-                ds.add_columns([f.with_nullable(True) for f in new_cols])
-                ds = lance.dataset(uri)
-            rows = conform(rows, ds.schema)
-            lance.write_dataset(rows, uri, mode="append")
-        else:
-            lance.write_dataset(rows, uri, schema=rows.schema, mode="create")
+def stored_key(uri: str, uid: int) -> tuple[str, str] | None:
+    """The (slide_id, cell_id) of the first row with ``uid`` in the cell table at ``uri``."""
+    import lance
 
-    def append_failures(self, rows: pa.Table) -> None:
-        """Appends failure rows."""
-        import lance
-
-        if rows.num_rows == 0:
-            return
-        uri = self._uri(FAILURES)
-        mode = "append" if self._has("failures") else "create"
-        lance.write_dataset(conform(rows, schema.arrow_schema("failures")), uri, mode=mode)
-
-    def delete_failures(self, where: str) -> None:
-        """Deletes failure rows matching ``where``."""
-        import lance
-
-        if self._has("failures"):
-            lance.dataset(self._uri(FAILURES)).delete(where)
-
-    def delete(self, where: str, encoder: str | None = None) -> int:
-        """Deletes cells matching ``where`` from one table; returns how many."""
-        ds = self.dataset(encoder)
-        n = ds.count_rows(filter=where)
-        if n:
-            ds.delete(where)
-        return n
-
-    def compact(self, table: str) -> None:
-        """Merges the small fragments that batched commits leave behind."""
-        import lance
-
-        if not self.has_table(table):
-            return
-        ds = lance.dataset(self._uri(CELLS_PREFIX + table))
-        if len(ds.get_fragments()) > 8:
-            ds.optimize.compact_files()
+    t = lance.dataset(uri).to_table(columns=["slide_id", "cell_id"], filter=f"uid = {int(uid)}", limit=1)
+    return (t.column("slide_id")[0].as_py(), t.column("cell_id")[0].as_py()) if t.num_rows else None
 
 
 def conform(rows: pa.Table, target: pa.Schema) -> pa.Table:
@@ -307,7 +303,21 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return flat.to_numpy(zero_copy_only=True).reshape(len(arr), dim)
 
 
-def _dir_bytes(uri: str) -> int | None:
-    if _is_uri(uri):
+def folder_bytes(uri: str) -> int | None:
+    """Bytes of every file under a local folder (data, _versions, _transactions, ...); None for URIs."""
+    if _is_uri(uri) or not Path(uri).exists():
         return None
     return sum(p.stat().st_size for p in Path(uri).rglob("*") if p.is_file())
+
+
+def live_bytes(ds) -> int:
+    """Bytes of the data files the current version of a Lance dataset reads (its live fragments)."""
+    total = 0
+    for frag in ds.get_fragments():
+        md = frag.metadata
+        for f in md.files:
+            size = f.file_size_bytes
+            if size is None and not _is_uri(ds.uri):
+                size = (Path(ds.uri) / "data" / f.path).stat().st_size
+            total += int(size or 0)
+    return total
