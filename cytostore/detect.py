@@ -24,11 +24,18 @@ Pipeline for one RGB field (pink/purple cells on a light background):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
 from skimage import filters, morphology, segmentation
+
+
+# Version of this detector's algorithm: part of a table's provenance identity, so cells
+# found by another version do not join a table silently. Bump it when a change here
+# can move, add or drop detections for the same image and parameters.
+DETECTOR_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,19 @@ class DetectorParams:
     min_peak_distance: float = 0.35  # seed spacing, fraction of expected diameter
     peak_prominence: float = 0.02  # seed h-maxima depth, fraction of expected diameter
     exclude_border: bool = False  # drop objects touching the image border
+
+    def to_dict(self) -> dict[str, Any]:
+        """The parameters as a JSON-serialisable dict (for provenance)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DetectorParams":
+        """Parameters from ``to_dict`` output; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown detector parameters {unknown}; known: {sorted(known)}")
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ import numpy as np
 from cytostore.encoders.registry import Encoder
 from cytostore.errors import CytostoreError, InputError
 from cytostore.imaging import CropPolicy, Slide, crop_cell, open_image, resize, thumbnail_bytes
-from cytostore.keys import UidSet, position_cell_id
+from cytostore.keys import (COLLISION, DUPLICATE, NEW, STORED, KeySet, UidSet, cell_key_hash,
+                            position_cell_id)
 from cytostore.sources.base import CellRecord, ImageTask, SourceFailure
 
 MAX_CELLS_PER_TASK = 256  # bounds a worker's output; bigger tasks are split
@@ -44,14 +45,50 @@ def plan_tasks(source, stored: UidSet) -> Iterator[tuple[str, Any]]:
             continue
         cells = item.cells
         if cells:
-            done = stored.contains(np.fromiter((c.uid for c in cells), dtype=np.int64, count=len(cells)))
-            if done.any():
-                cells = [c for c, d in zip(cells, done) if not d]
-                yield "skipped", (int(done.sum()), item.slide_id, 0 if cells else 1)
+            cells, skipped, key_failures = split_stored(cells, stored, item.source_ref or item.image)
+            for f in key_failures:
+                yield "failure", f
+            if skipped or key_failures:
+                yield "skipped", (skipped, item.slide_id, 0 if cells else 1)
         for start in range(0, len(cells), MAX_CELLS_PER_TASK):
             chunk = cells[start:start + MAX_CELLS_PER_TASK]
             ref = item.source_ref + (CONTINUED if start else "")
             yield "task", ImageTask(item.image, item.slide_id, chunk, item.slide_label, ref)
+
+
+def split_stored(cells: list[CellRecord], stored: KeySet | UidSet,
+                 where: str) -> tuple[list[CellRecord], int, list[SourceFailure]]:
+    """Judges cells against the stored keys and those this run claimed already.
+
+    Returns the new cells (now claimed), how many are stored under the same key
+    (skipped), and a "key" failure for each repeated key or uid collision: a
+    cell whose uid belongs to another key is never skipped silently nor written.
+    """
+    uids = np.fromiter((c.uid for c in cells), dtype=np.int64, count=len(cells))
+    keys = np.fromiter((cell_key_hash(c.slide_id, c.cell_id) for c in cells), dtype=np.int64, count=len(cells))
+    verdict = stored.classify(uids, keys)
+    fresh = [c for c, v in zip(cells, verdict) if v == NEW]
+    failures = [_key_failure(c, int(v), fresh, stored, where) for c, v in zip(cells, verdict) if v >= DUPLICATE]
+    return fresh, int((verdict == STORED).sum()), failures
+
+
+def _key_failure(rec: CellRecord, verdict: int, fresh: list[CellRecord], stored, where: str) -> SourceFailure:
+    key = f"(slide_id={rec.slide_id!r}, cell_id={rec.cell_id!r})"
+    if verdict == DUPLICATE:
+        reason = f"key {key} came twice in this run; the first was kept"
+    else:
+        if verdict == COLLISION:
+            other = stored.stored_key(rec.uid)
+        else:
+            first = next((c for c in fresh if c.uid == rec.uid), None)
+            other = (first.slide_id, first.cell_id) if first is not None else None
+        holder = (f"key (slide_id={other[0]!r}, cell_id={other[1]!r})" if other else
+                  "another key " + ("in the table" if verdict == COLLISION else "earlier in this run"))
+        reason = (f"uid collision: key {key} has uid {rec.uid}, already held by {holder}; this cell was not "
+                  "written; rename one of the cell ids")
+    # uid stays None: the uid is in the table (the other key's), and a failure with a stored
+    # uid counts as resolved; the key is recorded in slide_id and cell_id.
+    return SourceFailure(rec.source_ref or where, reason, "key", rec.slide_id, rec.cell_id, None)
 
 
 def _plan_detection(task: ImageTask) -> Iterator[tuple[str, Any]]:
@@ -99,9 +136,9 @@ def process_task(task: ImageTask, spec: CropSpec, stored: UidSet) -> dict[str, A
                 out["failed_cells"] = 1
                 return out
             if cells:
-                done = stored.contains(np.fromiter((c.uid for c in cells), dtype=np.int64, count=len(cells)))
-                out["skipped"] = int(done.sum())
-                cells = [c for c, d in zip(cells, done) if not d]
+                cells, out["skipped"], key_failures = split_stored(cells, stored, task.image)
+                out["failures"].extend(key_failures)
+                out["failed_cells"] = out.get("failed_cells", 0) + len(key_failures)
         pixels = []
         for rec in cells:
             try:

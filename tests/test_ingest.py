@@ -41,7 +41,7 @@ def test_store_holds_every_cell_with_labels_provenance_and_float16(small_store, 
     prov = store.provenance()
     assert prov["encoder"]["name"] == "efficientnet_lite0" and len(prov["encoder"]["weights_sha256"]) == 64
     assert prov["embedding_dtype"] == "float16" and prov["preprocessing"]["crop_size"] == 64
-    assert prov["schema_version"] == 1 and "torch" in prov["versions"]
+    assert prov["schema_version"] == 2 and "torch" in prov["versions"] and len(prov["identity_sha256"]) == 64
     emb, keys_t = store.embeddings()
     assert emb.dtype == np.float16 and emb.shape == (n, 1280) and np.isfinite(emb).all()
     assert not emb.flags.writeable  # a view on the Arrow buffer, not a copy

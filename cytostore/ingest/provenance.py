@@ -1,20 +1,96 @@
-"""The provenance record of an ingest run: what made its embeddings (encoder, weights, preprocessing)."""
+"""The provenance record of an ingest run: the identity of its embeddings (hashed,
+compared on every append) and their description (reported).
+
+See ``cytostore.store.provenance`` for what is identity and what is description.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from cytostore.encoders.registry import Encoder
+from cytostore.errors import InputError
 from cytostore.imaging import THUMBNAIL_SIZE, CropPolicy
 from cytostore.store import schema
-from cytostore.store.provenance import library_versions
+from cytostore.store.provenance import (CROP_RULE, OUTSIDE_IMAGE, build_identity, identity_sha256,
+                                        library_versions)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RUNTIME = "torch"  # the only runtime today; ONNX or OpenVINO would give other numbers
 
 
-def make_provenance(encoder: Encoder, policy: CropPolicy, embedding_dtype: str) -> dict[str, Any]:
-    """The full provenance record of a cell table."""
+def resolve_compute(device: str = "auto", precision: str = "auto", *, local: bool = True) -> dict[str, str]:
+    """The device kind and precision the encoder will run in, resolved as ``cytostore.embed.Embedder`` does.
+
+    Args:
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        precision: ``auto`` (bf16, or fp16 on GPUs without bf16; fp32 on the CPU), ``fp32``, ``bf16``, ``fp16``.
+        local: the encoder runs in this process (checks the GPU is there); False for Ray
+            workers, whose GPUs the driver may not see.
+    """
+    import torch
+
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if local:
+        from cytostore.embed import resolve_device
+
+        device = resolve_device(device)
+    elif device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = "cuda" if device.startswith("cuda") else device
+    if kind not in {"cpu", "cuda"}:
+        raise InputError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if precision == "auto":
+        if kind == "cpu":
+            precision = "fp32"
+        elif torch.cuda.is_available():
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            # A Ray driver without a GPU cannot ask its workers' GPUs; every GPU since Ampere has bf16.
+            precision = "bf16"
+    return {"device": kind, "precision": precision, "runtime": RUNTIME}
+
+
+def uses_detector(source) -> bool:
+    """Whether ``source`` yields images whose cells the detector finds (fields and slides)."""
+    from cytostore.sources.folders import FieldFolderSource
+
+    return isinstance(source, FieldFolderSource)
+
+
+def detector_identity(params) -> dict[str, Any]:
+    """The detector part of an identity: its version and every parameter (defaults when None)."""
+    from cytostore.detect import DETECTOR_VERSION, DetectorParams
+
+    return {"version": DETECTOR_VERSION, "params": (params or DetectorParams()).to_dict()}
+
+
+def make_provenance(encoder: Encoder, policy: CropPolicy, embedding_dtype: str, *,
+                    compute: dict[str, str] | None = None, detector: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The full provenance record of a cell table.
+
+    Args:
+        encoder: the encoder (weights, architecture, preprocessing).
+        policy: crop geometry.
+        embedding_dtype: stored dtype.
+        compute: ``resolve_compute(...)``; default: what ``auto`` resolves to here.
+        detector: ``detector_identity(params)`` when the run detects cells, else None.
+    """
+    compute = compute or resolve_compute()
+    identity = build_identity(
+        {"arch": encoder.arch, "dim": encoder.dim, "weights_sha256": encoder.weights_sha256},
+        {"crop_size": policy.crop_size, "box_margin": policy.box_margin, "crop_rule": CROP_RULE,
+         "outside_image": OUTSIDE_IMAGE, "input_size": encoder.input_size, "interpolation": encoder.interpolation,
+         "mean": [float(v) for v in encoder.mean], "std": [float(v) for v in encoder.std]},
+        embedding_dtype, compute, detector,
+    )
     return {
         "schema": "cells",
         "schema_version": schema.version("cells"),
+        "identity": identity,
+        "identity_sha256": identity_sha256(identity),
+        # Description from here on: reported when it differs, never compared.
         "encoder": encoder.provenance(),
         "preprocessing": {
             "crop": "square around the cell centre; side = crop_size, or the cell box plus margin when larger",

@@ -102,3 +102,22 @@ def read_metadata(schema: pa.Schema) -> dict[str, Any]:
     """Returns the provenance stored in an Arrow schema (empty when none)."""
     raw = (schema.metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}
+
+
+def write_metadata(uri: str, metadata: dict[str, Any], name: str = "cells") -> None:
+    """Brings the Lance table at ``uri`` up to layout ``name`` and writes ``metadata`` (its record).
+
+    Defined scalar columns the table lacks (those a later layout added) are
+    added as nullable, null in the older rows; readers fill what they need
+    (e.g. ``key_hash`` from ``slide_id`` and ``cell_id``). Call it under the
+    table's writer lock.
+    """
+    import lance
+
+    ds = lance.dataset(uri)
+    missing = [pa.field(c["name"], _SCALARS[c["type"]], nullable=True) for c in definition(name)["columns"]
+               if c["type"] != "embedding" and c["name"] not in ds.schema.names]
+    if missing:
+        ds.add_columns(missing)
+        ds = lance.dataset(uri)
+    ds.update_schema_metadata({METADATA_KEY.decode(): json.dumps(metadata, sort_keys=True)})
