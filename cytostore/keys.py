@@ -148,22 +148,25 @@ class KeySet:
         """
         uids = np.asarray(uids, dtype=np.int64)
         keys = np.asarray(key_hashes, dtype=np.int64)
-        out = np.full(uids.shape, NEW, dtype=np.int8)
-        _judge(self._stored, uids, keys, out, STORED, COLLISION)
+        # Judged in uid order (binary searches of sorted queries stay in cache), stable so
+        # that of two cells with one uid the earlier comes first.
+        order = np.argsort(uids, kind="stable")
+        su, sk = uids[order], keys[order]
+        verdict = np.full(su.shape, NEW, dtype=np.int8)
+        _judge(self._stored, su, sk, verdict, STORED, COLLISION)
         for level in self._run:
-            _judge(level, uids, keys, out, DUPLICATE, RUN_COLLISION)
+            _judge(level, su, sk, verdict, DUPLICATE, RUN_COLLISION)
         # Repeats inside this call: each later occurrence of a uid is judged against its first.
-        new = np.flatnonzero(out == NEW)
-        if new.size > 1:
-            order = np.argsort(uids[new], kind="stable")
-            su = uids[new][order]
-            later = np.zeros(su.size, dtype=bool)
-            later[1:] = su[1:] == su[:-1]
-            if later.any():
-                starts = np.flatnonzero(~later)
-                first = starts[np.searchsorted(starts, np.arange(su.size), "right") - 1]
-                i, j = new[order[later]], new[order[first[later]]]
-                out[i] = np.where(keys[i] == keys[j], DUPLICATE, RUN_COLLISION)
+        later = np.zeros(su.shape, dtype=bool)
+        later[1:] = su[1:] == su[:-1]
+        later &= verdict == NEW
+        if later.any():
+            starts = np.flatnonzero(~later)
+            first = starts[np.searchsorted(starts, np.flatnonzero(later), "right") - 1]
+            i = np.flatnonzero(later)
+            verdict[i] = np.where(sk[i] == sk[first], DUPLICATE, RUN_COLLISION)
+        out = np.empty_like(verdict)
+        out[order] = verdict
         if claim:
             take = out == NEW
             if take.any():
@@ -178,11 +181,13 @@ class KeySet:
         self._run.append(_sorted_pairs(uids, keys))
         while len(self._run) > 1 and self._run[-2][0].size <= 2 * self._run[-1][0].size:
             (u1, k1), (u2, k2) = self._run.pop(), self._run.pop()
-            self._run.append(_sorted_pairs(np.concatenate([u2, u1]), np.concatenate([k2, k1])))
+            self._run.append(_sorted_pairs(np.concatenate([u2, u1]), np.concatenate([k2, k1]), merge=True))
 
 
-def _sorted_pairs(uids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((keys, uids))
+def _sorted_pairs(uids: np.ndarray, keys: np.ndarray, merge: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    # Sorted by uid only: the keys of one uid are searched as a (tiny) range. Two sorted
+    # runs concatenated are merged in linear time by the stable sort (timsort).
+    order = np.argsort(uids, kind="stable" if merge else "quicksort")
     return uids[order], keys[order]
 
 
@@ -193,9 +198,11 @@ def _judge(level: tuple[np.ndarray, np.ndarray], uids: np.ndarray, keys: np.ndar
     if su.size == 0 or uids.size == 0:
         return
     lo = np.searchsorted(su, uids, "left")
-    hi = np.searchsorted(su, uids, "right")
-    hit = (hi > lo) & (out == NEW)
-    one = hit & (hi - lo == 1)
+    pos = np.minimum(lo, su.size - 1)
+    hit = (su[pos] == uids) & (out == NEW)
+    nxt = np.minimum(lo + 1, su.size - 1)
+    one = hit & ((lo + 1 >= su.size) | (su[nxt] != uids))
     out[one] = np.where(sk[lo[one]] == keys[one], same, other)
     for i in np.flatnonzero(hit & ~one):  # one uid under several stored keys: rare
-        out[i] = same if keys[i] in sk[lo[i]:hi[i]] else other
+        hi = np.searchsorted(su, uids[i], "right")
+        out[i] = same if keys[i] in sk[lo[i]:hi] else other
