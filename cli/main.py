@@ -7,7 +7,9 @@ from typing import Optional
 
 import typer
 
+from cli.browse import register as register_browse
 from cli.common import DEBUG, report_unexpected
+from cli.export import export_app
 from cli.fewshot import fewshot_app
 from cli.info import encoders_cmd, info_cmd
 from cli.ingest import ingest_cmd
@@ -55,6 +57,8 @@ app.add_typer(fewshot_app, name="fewshot")
 app.add_typer(store_app, name="store")
 register_search(app)  # `index build|verify` and `search`
 register_maps(app)  # `map`, `mosaic` and `qc`
+app.add_typer(export_app, name="export")  # `export geojson|anndata|h5`
+register_browse(app)  # `slides`, `cells` and `cluster`
 
 
 def main() -> None:
