@@ -13,11 +13,10 @@ from cytostore.errors import CytostoreError, InputError
 from cytostore.imaging import CropPolicy, Slide, crop_cell, open_image, resize, thumbnail_bytes
 from cytostore.keys import (COLLISION, DUPLICATE, NEW, STORED, KeySet, UidSet, cell_key_hash,
                             position_cell_id)
-from cytostore.sources.base import CellRecord, ImageTask, SourceFailure
+from cytostore.sources.base import CONTINUED, CellRecord, ImageTask, SourceFailure
 
 MAX_CELLS_PER_TASK = 256  # bounds a worker's output; bigger tasks are split
 SLIDE_TILE = 2048  # level-0 tile side for detecting cells on whole slides
-CONTINUED = " (continued)"  # marks the later chunks of one image, for progress counting
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,8 @@ def plan_tasks(source, stored: UidSet) -> Iterator[tuple[str, Any]]:
             for f in key_failures:
                 yield "failure", f
             if skipped or key_failures:
-                yield "skipped", (skipped, item.slide_id, 0 if cells else 1)
+                first = not (cells or item.source_ref.endswith(CONTINUED))  # the image counts once
+                yield "skipped", (skipped, item.slide_id, int(first))
         for start in range(0, len(cells), MAX_CELLS_PER_TASK):
             chunk = cells[start:start + MAX_CELLS_PER_TASK]
             ref = item.source_ref + (CONTINUED if start else "")
@@ -197,10 +197,12 @@ def _row(rec: CellRecord, task: ImageTask, side: int, thumb: bytes) -> dict[str,
 
 
 class TaskStream:
-    """A torch IterableDataset over planned tasks, split round-robin across workers.
+    """A torch IterableDataset over planned tasks, shared out across workers.
 
-    Each work item gives exactly one output, so the DataLoader's round-robin
-    collection returns them in source order whatever the number of workers.
+    A source that offers ``shard`` is planned in parts: each worker plans and
+    processes only its own part, and its outputs carry the keys of their cells
+    so that ``make_loader`` can find a key repeated across parts. Other sources
+    are planned whole by every worker, which keeps every n-th work item.
     """
 
     def __init__(self, source, spec: CropSpec, stored: UidSet):
@@ -211,31 +213,48 @@ class TaskStream:
     def __iter__(self):
         import torch.utils.data as tud
 
+        from cytostore._workers import keyed_outputs
+
         info = tud.get_worker_info()
         wid, n = (info.id, info.num_workers) if info else (0, 1)
+        part = self.source.shard(wid, n) if n > 1 and hasattr(self.source, "shard") else None
+        if part is not None:
+            for item in part:
+                yield from keyed_outputs(self, item)
+            return
         for k, (kind, item) in enumerate(plan_tasks(self.source, self.stored)):
-            if k % n != wid:
-                continue
-            if kind == "task":
-                yield process_task(item, self.spec, self.stored)
-            elif kind == "failure":
-                yield {"cells": [], "pixels": None, "failures": [item], "skipped": 0, "failed_cells": 1,
-                       "slide_id": item.slide_id, "images": 0}
-            else:
-                yield {"cells": [], "pixels": None, "failures": [], "skipped": item[0], "slide_id": item[1],
-                       "images": item[2]}
+            if k % n == wid:
+                yield self.output(kind, item)
+
+    def output(self, kind: str, item: Any) -> dict[str, Any]:
+        """The output of one planned work item (see ``plan_tasks``)."""
+        if kind == "task":
+            return process_task(item, self.spec, self.stored)
+        if kind == "failure":
+            return {"cells": [], "pixels": None, "failures": [item], "skipped": 0, "failed_cells": 1,
+                    "slide_id": item.slide_id, "images": 0}
+        return {"cells": [], "pixels": None, "failures": [], "skipped": item[0], "slide_id": item[1],
+                "images": item[2]}
 
 
 def make_loader(source, spec: CropSpec, stored: UidSet, workers: int):
-    """DataLoader over a TaskStream; spawned workers never inherit open table handles."""
+    """Outputs of the source's tasks, from a DataLoader over a TaskStream.
+
+    Spawned workers never inherit open table handles. With workers, a source's
+    one-off pass (``prepare``) runs here first, and the keys of sharded outputs
+    are checked across workers (a key repeated in two parts is one failure).
+    """
     import torch.utils.data as tud
 
-    from cytostore._workers import StreamDataset
+    from cytostore._workers import StreamDataset, merge_parts
 
     kwargs: dict[str, Any] = {"batch_size": None, "num_workers": workers, "collate_fn": _identity}
     if workers > 0:
         kwargs.update(multiprocessing_context="spawn", prefetch_factor=4)
-    return tud.DataLoader(StreamDataset(TaskStream(source, spec, stored)), **kwargs)
+        if hasattr(source, "prepare"):
+            source.prepare()
+    loader = tud.DataLoader(StreamDataset(TaskStream(source, spec, stored)), **kwargs)
+    return merge_parts(loader) if workers > 0 else loader
 
 
 def _identity(item: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import pyarrow as pa
 from cytostore.errors import InputError
 from cytostore.imaging import IMAGE_SUFFIXES, SLIDE_SUFFIXES
 from cytostore.keys import box_cell_id, check_id
-from cytostore.sources.base import CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions, safe_slide_id
+from cytostore.sources.base import (CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions, absolute,
+                                    safe_slide_id, shard_of)
 
 
 def _find_image(stem: str, folders: list[Path], suffixes: set[str]) -> Path | None:
@@ -29,9 +30,10 @@ class VocSource:
     or XML files next to their images). One box is one cell, its class the label."""
 
     extra_schema = pa.schema([])
+    shard_index, shard_count = 0, 1
 
     def __init__(self, root: str | Path, options: SourceOptions = SourceOptions()):
-        self.root = Path(root)
+        self.root = absolute(root)
         self.options = options
         if self.root.is_file():
             self.xmls = [self.root]
@@ -41,8 +43,12 @@ class VocSource:
         if not self.xmls:
             raise InputError(f"{self.root}: no VOC .xml files found")
 
+    def shard(self, index: int, count: int) -> VocSource:
+        """XML files index, index+count, ..."""
+        return shard_of(self, index, count)
+
     def __iter__(self) -> Iterator[SourceItem]:
-        for xml in self.xmls:
+        for xml in self.xmls[self.shard_index::self.shard_count]:
             try:
                 yield self._task(xml)
             except InputError as e:
@@ -116,18 +122,23 @@ class GeoJsonSource:
     """
 
     extra_schema = pa.schema([])
+    shard_index, shard_count = 0, 1
 
     def __init__(self, root: str | Path, options: SourceOptions = SourceOptions(), image: str | Path | None = None):
-        self.root = Path(root)
+        self.root = absolute(root)
         self.options = options
-        self.image = Path(image) if image else None
+        self.image = absolute(image) if image else None
         self.files = [self.root] if self.root.is_file() else sorted(
             p for p in self.root.rglob("*") if p.suffix.lower() in {".geojson", ".json"})
         if not self.files:
             raise InputError(f"{self.root}: no .geojson files found")
 
+    def shard(self, index: int, count: int) -> GeoJsonSource | None:
+        """Files index, index+count, ...; None for one file, whose tasks are shared out instead."""
+        return shard_of(self, index, count) if len(self.files) > 1 else None
+
     def __iter__(self) -> Iterator[SourceItem]:
-        for path in self.files:
+        for path in self.files[self.shard_index::self.shard_count]:
             try:
                 yield from self._items(path)
             except InputError as e:

@@ -3,12 +3,16 @@ failures (rows or files that cannot be used)."""
 
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Union
 
 from cytostore.errors import InputError
 from cytostore.keys import cell_uid, check_id
+
+CONTINUED = " (continued)"  # ends the source_ref of later tasks of one image, so an image counts once
 
 
 @dataclass(frozen=True)
@@ -32,11 +36,14 @@ class CellRecord:
     label: str | None = None
     source_ref: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    _uid: int | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def uid(self) -> int:
-        """Stable 63-bit id of the cell."""
-        return cell_uid(self.slide_id, self.cell_id)
+        """Stable 63-bit id of the cell (computed once; the key is not changed after)."""
+        if self._uid is None:
+            self._uid = cell_uid(self.slide_id, self.cell_id)
+        return self._uid
 
 
 @dataclass
@@ -70,11 +77,29 @@ SourceItem = Union[ImageTask, SourceFailure]
 
 
 class Source(Protocol):
-    """An iterable of image tasks and failures, picklable so workers can re-open it."""
+    """An iterable of image tasks and failures, picklable so workers can re-open it.
+
+    A source may also offer ``shard(index, count)``: the part that worker ``index``
+    of ``count`` plans (every item in exactly one part), or None when it cannot be
+    split usefully; and ``prepare()``, a one-off pass run before it is split.
+    """
 
     extra_schema: Any  # pyarrow schema of the extra columns kept, or None
 
     def __iter__(self) -> Iterator[SourceItem]: ...
+
+
+def absolute(path: str | Path) -> Path:
+    """``path`` made absolute against the working directory and normalised (links kept),
+    so stored image paths are right from any directory and on other machines' workers."""
+    return Path(os.path.normpath(os.path.abspath(path)))
+
+
+def shard_of(source: Any, index: int, count: int) -> Any:
+    """A copy of a file-listing ``source`` that yields only files index, index+count, ..."""
+    part = copy.copy(source)
+    part.shard_index, part.shard_count = index, count
+    return part
 
 
 def safe_slide_id(value: object, where: str) -> str:

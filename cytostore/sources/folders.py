@@ -11,7 +11,8 @@ import pyarrow as pa
 from cytostore.errors import InputError
 from cytostore.imaging import IMAGE_SUFFIXES, SLIDE_SUFFIXES
 from cytostore.keys import check_id
-from cytostore.sources.base import CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions, image_files, safe_slide_id
+from cytostore.sources.base import (CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions, absolute,
+                                    image_files, safe_slide_id, shard_of)
 
 
 class CropFolderSource:
@@ -23,14 +24,22 @@ class CropFolderSource:
 
     extra_schema = pa.schema([])
 
+    shard_index, shard_count = 0, 1
+
     def __init__(self, root: str | Path, options: SourceOptions = SourceOptions()):
-        self.root = Path(root)
+        self.root = absolute(root)
         self.options = options
         if not self.root.is_dir():
             raise InputError(f"{self.root}: not a folder of crops")
 
+    def shard(self, index: int, count: int) -> CropFolderSource:
+        """Files index, index+count, ... of the sorted listing."""
+        return shard_of(self, index, count)
+
     def __iter__(self) -> Iterator[SourceItem]:
-        for path in image_files(self.root, IMAGE_SUFFIXES):
+        for k, path in enumerate(image_files(self.root, IMAGE_SUFFIXES)):
+            if k % self.shard_count != self.shard_index:
+                continue
             where = str(path)
             try:
                 parent = path.parent.name if path.parent != self.root else self.root.name
@@ -60,27 +69,39 @@ class FieldFolderSource:
 
     extra_schema = pa.schema([])
 
+    shard_index, shard_count = 0, 1
+
     def __init__(self, root: str | Path, options: SourceOptions = SourceOptions(), slides: bool = False):
-        self.root = Path(root)
+        self.root = absolute(root)
         self.options = options
+        self.slides = slides
         self.suffixes = SLIDE_SUFFIXES if slides else IMAGE_SUFFIXES
         if not self.root.exists():
             raise InputError(f"{self.root}: no such file or folder")
 
+    def shard(self, index: int, count: int) -> FieldFolderSource | None:
+        """Fields index, index+count, ...; None for whole slides, whose tiles are shared out instead."""
+        return None if self.slides or self.root.is_file() else shard_of(self, index, count)
+
     def __iter__(self) -> Iterator[SourceItem]:
         files = [self.root] if self.root.is_file() else image_files(self.root, self.suffixes)
-        seen: dict[str, Path] = {}
-        for path in files:
+        seen: dict[str, Path] = {}  # every shard lists every file, so a repeated slide id is found once
+        for k, path in enumerate(files):
             where = str(path)
+            mine = k % self.shard_count == self.shard_index
             try:
                 slide_id = safe_slide_id(self.options.slide_id or path.stem, where)
             except InputError as e:
-                yield SourceFailure(where, str(e))
+                if mine:
+                    yield SourceFailure(where, str(e))
                 continue
             if slide_id in seen:
-                yield SourceFailure(where, f"slide id {slide_id!r} is also the stem of {seen[slide_id]}; "
-                                    "rename one of them (a slide id must be unique)", slide_id=slide_id)
+                if mine:
+                    yield SourceFailure(where, f"slide id {slide_id!r} is also the stem of {seen[slide_id]}; "
+                                        "rename one of them (a slide id must be unique)", slide_id=slide_id)
                 continue
             seen[slide_id] = path
+            if not mine:
+                continue
             label = path.parent.name if self.options.labels_from_folders else None
             yield ImageTask(image=str(path), slide_id=slide_id, cells=None, slide_label=label, source_ref=where)

@@ -1,37 +1,28 @@
-"""Manifest source: a CSV or Parquet table of images and (optionally) cell coordinates."""
+"""Manifest source: a CSV or Parquet table of images and (optionally) cell coordinates,
+streamed in row chunks so that memory stays flat in the number of rows."""
 
 from __future__ import annotations
 
+import copy
 import math
-from collections import OrderedDict
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cytostore.errors import InputError
-from cytostore.keys import box_cell_id, check_id, position_cell_id
-from cytostore.sources.base import CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions, safe_slide_id
+from cytostore.keys import DUPLICATE, KeySet, box_cell_id, cell_key_hash, check_id, position_cell_id
+from cytostore.sources.base import (CONTINUED, CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions,
+                                    safe_slide_id)
+from cytostore.sources.tables import CHUNK_ROWS, TableStream, read_table
 
 KNOWN = {"image", "slide_id", "cell_id", "x", "y", "x0", "y0", "x1", "y1", "label", "slide_label"}
+GROUP_MAX = 1024  # most rows of one image gathered into one task (planning splits it further)
 
-
-def read_table(path: Path) -> pa.Table:
-    """Reads a CSV, TSV or Parquet file into Arrow, with a clear error when it can't."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path)
-        if suffix in {".csv", ".tsv", ".txt"}:
-            from pyarrow import csv
-
-            parse = csv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-            return csv.read_csv(path, parse_options=parse)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise InputError(f"{path}: cannot be read as a table ({e})") from e
-    raise InputError(f"{path}: unknown table format {suffix!r}; use .csv, .tsv or .parquet")
+__all__ = ["KNOWN", "ManifestSource", "read_table"]
 
 
 def _num(value: Any) -> float | None:
@@ -50,89 +41,188 @@ class ManifestSource:
     """Rows of ``image, slide_id`` with optional ``cell_id``, ``x,y`` or ``x0,y0,x1,y1``,
     ``label``, ``slide_label`` and extra columns (kept as columns of the cell table).
 
-    A row with no coordinates means the image itself is the cell crop.
+    A row with no coordinates means the image itself is the cell crop. Image paths
+    are made absolute against the manifest's folder. Rows are read in chunks of
+    ``chunk_rows``; ``shard(i, n)`` reads only chunks i, i+n, ... A slide's cell ids
+    carry the image's stem when the slide spans several images, which one streaming
+    pass (``prepare``) finds, holding one entry per slide.
     """
 
+    chunk_rows = CHUNK_ROWS
+
     def __init__(self, path: str | Path, options: SourceOptions = SourceOptions()):
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))
         self.options = options
-        table = read_table(self.path)
-        missing = {"image"} - set(table.column_names)
-        if missing:
-            raise InputError(f"{self.path}: needs an 'image' column; it has {table.column_names}")
-        if "slide_id" not in table.column_names and options.slide_id is None:
+        self.table = TableStream(self.path)
+        names = self.table.schema.names
+        if "image" not in names:
+            raise InputError(f"{self.path}: needs an 'image' column; it has {names}")
+        if "slide_id" not in names and options.slide_id is None:
             raise InputError(f"{self.path}: needs a 'slide_id' column (or pass --slide-id)")
-        extra = [f for f in table.schema if f.name not in KNOWN]
-        self.extra_schema = pa.schema(
-            [pa.field(f.name, pa.string() if pa.types.is_null(f.type) else f.type) for f in extra]
-        )
-        self._n_rows = table.num_rows
-        self._row_label = "line" if self.path.suffix.lower() != ".parquet" else "row"
+        self._row_label = "line" if not self.table.parquet else "row"
+        self._dir = str(self.path.parent)
+        self._where_prefix = f"{self.path}:{self._row_label} "
+        self._line0 = 2 if self._row_label == "line" else 1
+        self._has_box = bool({"x0", "y0", "x1", "y1"} & set(names))
+        self._slides: dict[str, str | None] | None = None  # slide id -> its image, None when several
+        self.shard_index, self.shard_count = 0, 1
+
+    @property
+    def extra_schema(self) -> pa.Schema:
+        """Arrow schema of the extra columns kept (settled over the whole file)."""
+        extra = [f for f in self.table.settle() if f.name not in KNOWN]
+        return pa.schema([pa.field(f.name, pa.string() if pa.types.is_null(f.type) else f.type) for f in extra])
 
     def __len__(self) -> int:
-        return self._n_rows
+        self.table.settle()
+        return int(self.table.num_rows or 0)
+
+    def prepare(self) -> None:
+        """Runs the one pass over the whole file (types, slides spanning several images), once.
+
+        Call it in the process that opened the source: its result travels with the
+        source to the workers, which then read only their own chunks.
+        """
+        if self._slides is None:
+            self._slides = self._scan_slides()
+
+    def shard(self, index: int, count: int) -> ManifestSource:
+        """The part of this source that worker ``index`` of ``count`` plans: chunks index, index+count, ..."""
+        self.prepare()
+        part = copy.copy(self)
+        part.shard_index, part.shard_count = index, count
+        return part
 
     def _where(self, i: int) -> str:
         # CSV: line numbers as an editor shows them (header is line 1).
-        n = i + 2 if self._row_label == "line" else i + 1
-        return f"{self.path}:{self._row_label} {n}"
+        return f"{self._where_prefix}{i + self._line0}"
+
+    def _image_path(self, raw: str) -> str:
+        return os.path.normpath(os.path.join(self._dir, raw))
+
+    def _slide_value(self, raw: Any) -> Any:
+        return raw or self.options.slide_id
+
+    def _scan_slides(self) -> dict[str, str | None]:
+        has_slide = "slide_id" in self.table.schema.names
+        slides: dict[str, str | None] = {}
+        for batch in self.table.batches(["image", "slide_id"] if has_slide else ["image"]):
+            image = pc.utf8_trim_whitespace(pc.cast(batch.column("image"), pa.string()))
+            sid = batch.column("slide_id") if has_slide else pa.nulls(batch.num_rows)
+            t = pa.table({"s": sid, "i": image})
+            t = t.filter(pc.and_(pc.is_valid(t["i"]), pc.not_equal(t["i"], "")))
+            g = t.group_by("s", use_threads=False).aggregate([("i", "min"), ("i", "max")])
+            for s, lo, hi in zip(g["s"].to_pylist(), g["i_min"].to_pylist(), g["i_max"].to_pylist()):
+                try:
+                    slide = check_id(self._slide_value(s))
+                except InputError:
+                    continue  # its rows become failures
+                if slides.get(slide, "") is None:
+                    continue  # already known to span several images
+                images = {self._image_path(lo), self._image_path(hi)}
+                if lo != hi and len(images) == 1:  # spelled differently: look at every spelling
+                    rows = t.filter(pc.is_null(t["s"]) if s is None else pc.equal(t["s"], pa.scalar(s, t["s"].type)))
+                    images = {self._image_path(v) for v in pc.unique(rows["i"]).to_pylist()}
+                if len(images) > 1 or slides.setdefault(slide, next(iter(images))) != next(iter(images)):
+                    slides[slide] = None
+        return slides
+
+    def _key_of(self, image_raw: Any, slide_raw: Any) -> tuple[str, str] | None:
+        """(image path, slide id) of a row, or None when either is unusable."""
+        image = str(image_raw or "").strip()
+        if not image:
+            return None
+        try:
+            return self._image_path(image), check_id(self._slide_value(slide_raw))
+        except InputError:
+            return None
 
     def __iter__(self) -> Iterator[SourceItem]:
-        rows = read_table(self.path).to_pylist()
-        groups: OrderedDict[tuple[str, str], list[CellRecord]] = OrderedDict()
-        slide_labels: dict[tuple[str, str], str | None] = {}
-        slide_images: dict[str, set[str]] = {}
-        parsed: list[tuple[int, dict[str, Any], str, str]] = []
-        for i, row in enumerate(rows):
-            where = self._where(i)
+        self.prepare()
+        # Repeated keys are found here when this source is read whole; a shard
+        # cannot see the other shards, so the ingest checks its keys across workers.
+        keys = KeySet() if self.shard_count == 1 else None
+        has_slide = "slide_id" in self.table.schema.names
+        carry: dict[tuple[str, str], _Group] = {}
+        prev_key: tuple[str, str] | None = None
+        for k, first, chunk in self.table.chunks(self.chunk_rows):
+            if k % self.shard_count != self.shard_index:
+                last_slide = chunk.column("slide_id")[-1].as_py() if has_slide else None
+                prev_key = self._key_of(chunk.column("image")[-1].as_py(), last_slide)
+                yield from (g.task(self.path) for g in carry.values())
+                carry = {}
+                continue
+            groups, prev_key = yield from self._chunk(chunk, first, keys, carry, prev_key)
+            last = groups.get(prev_key) if self.shard_count == 1 and prev_key else None
+            carry = {prev_key: last} if last is not None else {}
+            yield from (g.task(self.path) for key, g in groups.items() if g is not last)
+        yield from (g.task(self.path) for g in carry.values())
+
+    def _chunk(self, chunk: pa.RecordBatch, first: int, keys: KeySet | None, carry: dict,
+               prev_key: tuple[str, str] | None):
+        """Turns one chunk into failures (yielded) and groups of records per image (returned)."""
+        accepted: list[tuple[CellRecord, tuple[str, str], Any]] = []
+        keys_of_rows: list[tuple[str, str] | None] = []
+        paths: dict[Any, tuple[str, str]] = {}  # raw image cell -> (absolute path, stem)
+        slides: dict[Any, str] = {}  # raw slide cell -> checked slide id
+        for j, row in enumerate(chunk.to_pylist()):
+            where = self._where(first + j)
             try:
-                image = str(row.get("image") or "").strip()
-                if not image:
-                    raise InputError("the 'image' cell is empty")
-                img_path = Path(image) if Path(image).is_absolute() else self.path.parent / image
-                slide_id = safe_slide_id(row.get("slide_id", self.options.slide_id) or self.options.slide_id, where)
+                raw = row.get("image")
+                if raw not in paths:
+                    image = str(raw or "").strip()
+                    if not image:
+                        raise InputError("the 'image' cell is empty")
+                    image = self._image_path(image)
+                    paths[raw] = (image, os.path.splitext(os.path.basename(image))[0])
+                image, stem = paths[raw]
+                raw_slide = row.get("slide_id")
+                slide_id = slides.get(raw_slide) or slides.setdefault(
+                    raw_slide, safe_slide_id(self._slide_value(raw_slide), where))
             except InputError as e:
+                keys_of_rows.append(None)
                 yield SourceFailure(where, str(e))
                 continue
-            parsed.append((i, row, str(img_path), slide_id))
-            slide_images.setdefault(slide_id, set()).add(str(img_path))
-        seen: set[tuple[str, str]] = set()
-        for i, row, image, slide_id in parsed:
-            where = self._where(i)
+            key = (image, slide_id)
+            keys_of_rows.append(key)
             try:
-                rec = self._record(row, image, slide_id, len(slide_images[slide_id]) > 1, where)
+                rec = self._record(row, stem, slide_id, self._slides.get(slide_id, "") is None, where)
             except InputError as e:
                 yield SourceFailure(where, f"{e}; fix or remove the row", slide_id=slide_id)
                 continue
-            key = (rec.slide_id, rec.cell_id)
-            if key in seen:
-                yield SourceFailure(where, f"duplicate key slide_id={rec.slide_id!r} cell_id={rec.cell_id!r}; the first row was kept",
-                                    slide_id=rec.slide_id, cell_id=rec.cell_id)
-                continue
-            seen.add(key)
-            gk = (image, slide_id)
-            groups.setdefault(gk, []).append(rec)
-            if row.get("slide_label") not in (None, ""):
-                slide_labels[gk] = str(row["slide_label"])
-        for (image, slide_id), cells in groups.items():
-            yield ImageTask(image=image, slide_id=slide_id, cells=cells, slide_label=slide_labels.get((image, slide_id)),
-                            source_ref=str(self.path))
+            accepted.append((rec, key, j))
+        if keys is not None and accepted:
+            uids = np.fromiter((r.uid for r, _, _ in accepted), dtype=np.int64, count=len(accepted))
+            hashes = np.fromiter((cell_key_hash(r.slide_id, r.cell_id) for r, _, _ in accepted),
+                                 dtype=np.int64, count=len(accepted))
+            verdict = keys.classify(uids, hashes)
+            for (rec, _, _), v in zip(accepted, verdict):
+                if v == DUPLICATE:
+                    yield SourceFailure(rec.source_ref, f"duplicate key slide_id={rec.slide_id!r} "
+                                        f"cell_id={rec.cell_id!r}; the first row was kept",
+                                        slide_id=rec.slide_id, cell_id=rec.cell_id)
+            accepted = [a for a, v in zip(accepted, verdict) if v != DUPLICATE]
+        groups: dict[tuple[str, str], _Group] = dict(carry)
+        labels = chunk.column("slide_label").to_pylist() if "slide_label" in chunk.schema.names else None
+        for rec, key, j in accepted:
+            g = groups.get(key)
+            if g is None or len(g.cells) >= GROUP_MAX:
+                if g is not None:
+                    yield g.task(self.path)
+                before = keys_of_rows[j - 1] if j else prev_key
+                g = groups[key] = _Group(key, continued=before == key or g is not None)
+            g.cells.append(rec)
+            if labels is not None and labels[j] not in (None, ""):
+                g.label = str(labels[j])
+        return groups, keys_of_rows[-1] if keys_of_rows else prev_key
 
-    def _record(self, row: dict[str, Any], image: str, slide_id: str, multi_image: bool, where: str) -> CellRecord:
+    def _record(self, row: dict[str, Any], stem: str, slide_id: str, multi_image: bool, where: str) -> CellRecord:
         x, y = _num(row.get("x")), _num(row.get("y"))
-        box_vals = [_num(row.get(k)) for k in ("x0", "y0", "x1", "y1")]
-        box = None
-        if all(v is not None for v in box_vals):
-            box = tuple(box_vals)  # type: ignore[assignment]
-            if box[2] <= box[0] or box[3] <= box[1]:
-                raise InputError(f"box ({box[0]}, {box[1]}, {box[2]}, {box[3]}) is empty or inverted")
-            if x is None or y is None:
-                x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        elif any(v is not None for v in box_vals):
-            raise InputError("a box needs all four of x0, y0, x1, y1")
+        box = self._box(row) if self._has_box else None
+        if box is not None and (x is None or y is None):
+            x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         if (x is None) != (y is None):
             raise InputError("a centre needs both x and y")
-        stem = Path(image).stem
         cell_id = row.get("cell_id")
         if cell_id in (None, ""):
             prefix = stem if multi_image else None
@@ -147,3 +237,32 @@ class ManifestSource:
         extra = {k: v for k, v in row.items() if k not in KNOWN}
         return CellRecord(slide_id=slide_id, cell_id=cell_id, x=x, y=y, box=box,
                           label=None if label in (None, "") else str(label), source_ref=where, extra=extra)
+
+
+    @staticmethod
+    def _box(row: dict[str, Any]) -> tuple[float, float, float, float] | None:
+        vals = [_num(row.get(k)) for k in ("x0", "y0", "x1", "y1")]
+        if all(v is not None for v in vals):
+            box = tuple(vals)
+            if box[2] <= box[0] or box[3] <= box[1]:
+                raise InputError(f"box ({box[0]}, {box[1]}, {box[2]}, {box[3]}) is empty or inverted")
+            return box  # type: ignore[return-value]
+        if any(v is not None for v in vals):
+            raise InputError("a box needs all four of x0, y0, x1, y1")
+        return None
+
+
+class _Group:
+    """Rows of one image (and slide) gathered into one task."""
+
+    __slots__ = ("key", "cells", "label", "continued")
+
+    def __init__(self, key: tuple[str, str], continued: bool):
+        self.key, self.continued = key, continued
+        self.cells: list[CellRecord] = []
+        self.label: str | None = None
+
+    def task(self, path: Path) -> ImageTask:
+        ref = str(path) + (CONTINUED if self.continued else "")
+        return ImageTask(image=self.key[0], slide_id=self.key[1], cells=self.cells, slide_label=self.label,
+                         source_ref=ref)
