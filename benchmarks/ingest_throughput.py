@@ -1,5 +1,6 @@
 """Ingest figures on real Chula RBC-12 cells: throughput against the bare forward,
-bytes on disk per cell against one float32 HDF5 file per slide, and peak memory
+bytes on disk per cell (live fragments and the whole table folder) against one float32
+HDF5 file per slide, and peak memory
 against the number of slides.
 
     python benchmarks/ingest_throughput.py throughput --cells 2048 --batch-size 64
@@ -119,26 +120,18 @@ def crop_rate(args) -> dict:
     return out
 
 
-def _live_bytes(table_uri: str) -> int:
-    import lance
-
-    ds = lance.dataset(table_uri)
-    total = 0
-    for frag in ds.get_fragments():
-        for f in frag.data_files():
-            total += (Path(table_uri) / "data" / f.path).stat().st_size
-    return total
-
-
 def bytes_per_cell(args) -> dict:
     import h5py
 
     from cytostore import CellStore
 
+    from cytostore.store.maintenance import table_stats
+
     store = CellStore.open(args.store)
     table = store.resolve()
-    uri = f"{store.root}/cells.{table}.lance"
-    live = _live_bytes(uri)
+    stats = table_stats(store.table_uri(table))
+    live = stats["live_bytes"]  # the data files the current version reads
+    folder = stats["folder_bytes"]  # everything under the table folder: old versions, _versions, _transactions
     cells = store.cells(columns=["slide_id", "x", "y", "embedding"])
     n, dim = cells.num_rows, cells.schema.field("embedding").type.list_size
     thumbs = store.cells(columns=["thumbnail"]).column("thumbnail")
@@ -157,9 +150,15 @@ def bytes_per_cell(args) -> dict:
     h5 = sum(p.stat().st_size for p in tmp.iterdir())
     shutil.rmtree(tmp)
     out = {"cells": n, "dim": dim, "store_bytes_per_cell": round(live / n, 1),
+           "folder_bytes_per_cell": round(folder / n, 1), "folder_over_live": round(folder / live, 3),
+           "versions": stats["versions"], "fragments": stats["fragments"],
+           "versions_folder_bytes": stats["versions_bytes"],
            "thumbnail_bytes_per_cell": round(thumb_bytes / n, 1),
            "store_bytes_per_cell_without_thumbnails": round((live - thumb_bytes) / n, 1),
            "hdf5_float32_bytes_per_cell": round(h5 / n, 1), "hdf5_files": int(len(np.unique(slides)))}
+    print(f"{n} cells, dim {dim}: table folder {out['folder_bytes_per_cell']} B/cell on disk "
+          f"({stats['versions']} versions, {stats['fragments']} fragments; `cytostore store optimize` "
+          f"removes old versions), live fragments {out['store_bytes_per_cell']} B/cell")
     print(f"{n} cells, dim {dim}: store {out['store_bytes_per_cell']} B/cell "
           f"({out['thumbnail_bytes_per_cell']} of it the JPEG thumbnail; "
           f"{out['store_bytes_per_cell_without_thumbnails']} without), "

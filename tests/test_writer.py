@@ -98,14 +98,18 @@ def test_commits_by_time_with_an_injected_clock(tmp_path):
 
 def test_compaction_and_cleanup_keep_pinned_versions_readable(tmp_path):
     store = CellStore.create(tmp_path / "s")
-    policy = CommitPolicy(commit_rows=10, compact_every=4, compact_min_fragments=3, grace=dt.timedelta(0))
+    policy = CommitPolicy(commit_rows=100, compact_every=4, compact_min_fragments=3, grace=dt.timedelta(0))
     w = CellWriter(store, TABLE, policy, clock=FakeClock())
-    w.append(rows(0, 30))  # three commits, three fragments
+    for k in range(3):  # three small commits (as time-based ones are), three fragments
+        w.append(rows(10 * k, 10))
+        w.flush()
     uri = store.table_uri(TABLE)
     pinned = lance.dataset(uri).version
     pins.pin(uri, "index", pinned)
     rowids = {u: r for u, r in zip(*_uid_rowid(uri))}
-    w.append(rows(30, 50))  # the 4th commit compacts and cleans up; later ones pile up again
+    for k in range(3, 8):  # the 4th commit compacts and cleans up, so does the 8th
+        w.append(rows(10 * k, 10))
+        w.flush()
     w.close()
     ds = lance.dataset(uri)
     assert len(ds.get_fragments()) == 1 and ds.count_rows() == 80
@@ -119,6 +123,16 @@ def test_compaction_and_cleanup_keep_pinned_versions_readable(tmp_path):
     now = dict(zip(uids, rids))
     assert all(now[u] == r for u, r in rowids.items())
     assert min(now[u] for u in range(30, 80)) > max(rowids.values())
+
+
+def test_full_commits_are_not_rewritten(tmp_path):
+    store = CellStore.create(tmp_path / "s")
+    w = CellWriter(store, TABLE, CommitPolicy(commit_rows=10, compact_every=2, compact_min_fragments=2),
+                   clock=FakeClock())
+    w.append(rows(0, 45))  # four full fragments and a remainder
+    w.close()
+    sizes = sorted(f.metadata.physical_rows for f in store.dataset(TABLE).get_fragments())
+    assert sizes == [5, 10, 10, 10, 10]
 
 
 def _uid_rowid(uri: str) -> tuple[list[int], list[int]]:

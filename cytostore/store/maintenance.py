@@ -19,7 +19,7 @@ from cytostore.errors import StoreError
 from cytostore.store import layout, pins, schema
 from cytostore.store.cells import CELLS_PREFIX, CellStore, folder_bytes, live_bytes
 from cytostore.store.lock import WriterLock
-from cytostore.store.writer import GRACE, CellWriter, cleanup, compact
+from cytostore.store.writer import GRACE, CellWriter, CommitPolicy, cleanup, compact
 
 DERIVED = ("prototypes", "predictions", "umap")  # Lance tables written by cytostore.store.derived
 FAILURES = "failures"
@@ -67,7 +67,7 @@ def optimize(store: CellStore, encoder: str | None = None, grace: dt.timedelta =
         writer = CellWriter(store, table)  # the writer lock: no ingest runs meanwhile
         try:
             before = table_stats(uri)
-            compacted = compact(uri, 2)
+            compacted = compact(uri, CommitPolicy().commit_rows, None)
             removed = cleanup(uri, grace)
             after = table_stats(uri)
         finally:

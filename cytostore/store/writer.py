@@ -33,7 +33,7 @@ from cytostore.store.lock import WriterLock
 # of versions costs little: at one commit per 30 s it is 120 small manifests, plus the
 # fragments the last compactions replaced. Artefacts that keep a version longer pin it.
 GRACE = dt.timedelta(hours=1)
-TARGET_ROWS_PER_FRAGMENT = 1 << 20  # what compaction merges small fragments into
+MAX_ROWS_PER_FILE = 1 << 20  # Lance's default; a commit (<= commit_rows rows) writes one file
 FAILURES_LOCK = "failures"  # .locks/failures.lock, held only around each failures write
 
 
@@ -44,7 +44,7 @@ class CommitPolicy:
     commit_rows: int = 65_536  # commit once this many rows are pending (the buffer never holds more)
     commit_seconds: float = 30.0  # ... or when this long has passed since the last commit
     compact_every: int = 16  # commits between compaction and cleanup passes (and one at close)
-    compact_min_fragments: int = 8  # small fragments (< 1/2 target rows) that make a compaction worth it
+    compact_min_fragments: int = 8  # small fragments (< commit_rows / 2 rows) that make a compaction worth it
     grace: dt.timedelta = GRACE  # cleanup spares unpinned versions younger than this
 
     def __post_init__(self) -> None:
@@ -224,7 +224,7 @@ class CellWriter:
         if self._rows:
             self._create_if_absent()
             data = pa.concat_tables(self._rows) if len(self._rows) > 1 else self._rows[0]
-            lance.write_dataset(data, self.uri, mode="append", max_rows_per_file=TARGET_ROWS_PER_FRAGMENT)
+            lance.write_dataset(data, self.uri, mode="append", max_rows_per_file=MAX_ROWS_PER_FILE)
         elif self._fragments:
             self._create_if_absent()
             lance.LanceDataset.commit(self.uri, lance.LanceOperation.Append(list(self._fragments)),
@@ -254,8 +254,14 @@ class CellWriter:
 
     # -- upkeep ------------------------------------------------------------------
     def maintain(self, force: bool = False) -> dict[str, Any]:
-        """Compacts when enough small fragments piled up, then removes old unpinned versions."""
-        out = {"compacted": compact(self.uri, self.policy.compact_min_fragments if not force else 2)}
+        """Compacts when enough small fragments piled up, then removes old unpinned versions.
+
+        A full commit's fragment (``commit_rows`` rows, ~240 MB at 1280-d) is left as it is:
+        rewriting it buys nothing and would keep a second copy on disk for the grace period.
+        Small fragments (time-based commits, the rest of a run) are merged into full ones.
+        """
+        min_fragments = 2 if force else self.policy.compact_min_fragments
+        out = {"compacted": compact(self.uri, self.policy.commit_rows, min_fragments)}
         out["cleanup"] = cleanup(self.uri, self.policy.grace)
         return out
 
@@ -275,16 +281,19 @@ def delete_rows(store: CellStore, table: str, where: str) -> int:
         w.release()
 
 
-def compact(uri: str, min_fragments: int = 2) -> bool:
-    """Merges the small fragments of the Lance table at ``uri`` when there are at least ``min_fragments``."""
+def compact(uri: str, target_rows: int = CommitPolicy.commit_rows, min_fragments: int | None = 2) -> bool:
+    """Merges fragments of fewer than ``target_rows / 2`` rows of the Lance table at ``uri`` into
+    fragments of ``target_rows`` rows, when there are at least ``min_fragments`` of them
+    (``None``: let Lance decide, which also rewrites fragments with many deleted rows)."""
     import lance
 
     ds = lance.dataset(uri)
-    small = [f for f in ds.get_fragments() if f.metadata.physical_rows < TARGET_ROWS_PER_FRAGMENT // 2]
-    if len(small) < max(min_fragments, 2):
-        return False
-    ds.optimize.compact_files(target_rows_per_fragment=TARGET_ROWS_PER_FRAGMENT)
-    return True
+    if min_fragments is not None:
+        small = [f for f in ds.get_fragments() if f.metadata.physical_rows < target_rows // 2]
+        if len(small) < max(min_fragments, 2):
+            return False
+    metrics = ds.optimize.compact_files(target_rows_per_fragment=target_rows)
+    return bool(metrics.fragments_removed)
 
 
 def cleanup(uri: str, grace: dt.timedelta = GRACE) -> dict[str, int]:
