@@ -240,3 +240,19 @@ def test_store_v1_refuses_other_settings_before_its_first_append(store_v1, tmp_p
     assert CellStore.open(store_v1).provenance()["schema_version"] == 1  # nothing was written
     assert derive_identity(CellStore.open(store_v1).provenance())["detector"] is None
     assert schema.version("cells") == 2
+
+
+@pytest.mark.gpu
+def test_gpu_auto_rows_may_not_join_a_cpu_table(tiny_weights, tmp_path):
+    from cytostore.embed import Embedder
+    from cytostore.encoders import create_encoder
+
+    enc = create_encoder(TINY, str(tiny_weights))
+    assert resolve_compute("cuda", "auto")["precision"] == Embedder(enc, "cuda", 2, "auto").precision
+    rows = sample_rows(["chula-27"])
+    store = tmp_path / "store"
+    ingest(open_source(_manifest(tmp_path, "a", rows[:8])), store, _tiny(tiny_weights))
+    auto = IngestConfig(encoder=TINY, weights=str(tiny_weights), batch_size=16)  # auto: the GPU, bf16 or fp16
+    with pytest.raises(ProvenanceError, match=r"compute\.device: table has 'cpu', this run has 'cuda'"):
+        ingest(open_source(_manifest(tmp_path, "b", rows[8:16])), store, auto)
+    assert CellStore.open(store).count() == 8
