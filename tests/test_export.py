@@ -304,3 +304,33 @@ def test_duckdb_sql_over_the_store(store):
     by_uid = {u: np.asarray(e, dtype=np.float32) for u, e in rows}
     assert wide.execute("SELECT typeof(embedding) FROM cells LIMIT 1").fetchone()[0] == f"FLOAT[{emb.shape[1]}]"
     assert all(np.array_equal(by_uid[u], v.astype(np.float32)) for u, v in zip(keys.column("uid").to_pylist(), emb))
+
+
+# -- files written whole ----------------------------------------------------------------
+def test_a_failed_export_keeps_the_previous_file_and_normal_permissions(store, tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from cytostore.export import export_geojson
+    from cytostore.export import geojson as gj
+
+    _json(runner.invoke(app, ["export", "geojson", "--store", str(store), "--out", str(tmp_path), "--slide",
+                              "chula-1", "--json", "-q"]))
+    path = tmp_path / "chula-1.geojson"
+    before = path.read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # as any file the user writes
+
+    real, calls = gj.cell_feature, {"n": 0}
+
+    def fail_on_50th(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 50:
+            raise OSError("injected: the disk went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gj, "cell_feature", fail_on_50th)
+    with pytest.raises(OSError, match="injected"):
+        export_geojson(store, tmp_path, slides=["chula-1"], predictions="km")
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["chula-1.geojson"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -79,18 +79,21 @@ def safe_file_stem(slide_id: str) -> str:
 
 @contextmanager
 def written_whole(path: Path, mode: str = "w") -> Iterator:
-    """Opens a temporary file beside ``path`` and moves it into place only when the block
-    ends without an error: a killed export never leaves a half-written file under the name."""
+    """Writes to a temporary file beside ``path`` and moves it into place only when the block
+    ends without an error: a killed export never leaves a half-written file under the name.
+
+    ``mode`` "w"/"wb" yields an open file; "path" yields the temporary path for a library
+    that opens the file itself (h5py, anndata). The file gets the usual permissions (umask).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
     try:
         if mode == "path":
-            yield Path(tmp)
+            yield tmp
         else:
             with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
                 yield fh
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
