@@ -98,7 +98,7 @@ def _from_cells(table: pa.Table, labels: np.ndarray, path: Path, store: CellStor
         shown = ", ".join(f"{s}/{c}" for s, c in missing[:SHOW])
         raise InputError(f"{path}: {len(missing)} support cell(s) are not in table {store.resolve(encoder)!r} "
                          f"of {store.root}: {shown}{' ...' if len(missing) > SHOW else ''}; "
-                         "check slide_id and cell_id (see `cytostore info`)")
+                         "check slide_id and cell_id (see `cytostore slides` and `cytostore cells --slide ID`)")
     order = np.array([found[int(u)] for u in uids])
     ids = [{"slide_id": s, "cell_id": c, "uid": int(u)} for s, c, u in zip(slides, cells, uids)]
     return SupportSet(emb[order], labels, "cells", ids)

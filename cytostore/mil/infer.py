@@ -145,7 +145,7 @@ def _explain(store_path, model_dir, slide_id, table, device) -> Explanation:
     t = store.cells(columns=["uid", "cell_id", "x", "y", "embedding"], where=slides_filter([slide_id]), encoder=table)
     if t.num_rows == 0:
         raise InputError(f"slide {slide_id!r} has no cell in table {table!r} of {store.root}; "
-                         "list the slides with `cytostore info`")
+                         f"list the slides with `cytostore slides --store {store.root}`")
     order = np.argsort(t.column("uid").to_numpy(), kind="stable")  # the order training and predict use
     t = t.take(pa.array(order))
     dev = torch.device(resolve_device(device))

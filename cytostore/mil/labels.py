@@ -121,7 +121,7 @@ def check_against_store(labels: SlideLabels, store_slides: set[str], where: str)
     if absent:
         shown = ", ".join(repr(s) for s in absent[:10]) + (f" and {len(absent) - 10} more" if len(absent) > 10 else "")
         raise InputError(f"labels {labels.source} name {len(absent)} slide(s) not in {where}: {shown}; "
-                         "fix the slide ids (see `cytostore info`) or ingest those slides first")
+                         "fix the slide ids (see `cytostore slides`) or ingest those slides first")
 
 
 def check_cross_validatable(labels: SlideLabels, folds: int) -> None:
