@@ -205,3 +205,14 @@ def test_two_workers_over_many_chunks_match_one_process(small_store, tmp_path):
     assert np.array_equal(np.asarray(emb)[got], np.asarray(ref_emb)[ref])
     again = ingest(src, tmp_path / "s", IngestConfig(batch_size=32, workers=2))
     assert (again.cells_added, again.cells_skipped, again.cells_failed) == (0, 117, 2)
+
+
+def test_folder_and_annotation_paths_are_absolute(tmp_path, monkeypatch):
+    (tmp_path / "crops" / "a").mkdir(parents=True)
+    Image.new("RGB", (20, 20)).save(tmp_path / "crops" / "a" / "c0.png")
+    Image.new("RGB", (50, 50)).save(tmp_path / "f7.png")
+    (tmp_path / "f7.geojson").write_text('{"type": "Feature", "geometry": {"type": "Point", "coordinates": [9, 9]}}')
+    monkeypatch.chdir(tmp_path)
+    for path, fmt in (("crops", "crops"), ("crops", "fields"), ("f7.geojson", None)):
+        tasks, fails = _items(open_source(path, fmt))
+        assert not fails and tasks and all(os.path.isabs(t.image) and os.path.exists(t.image) for t in tasks)

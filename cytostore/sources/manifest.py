@@ -149,9 +149,7 @@ class ManifestSource:
             if k % self.shard_count != self.shard_index:
                 last_slide = chunk.column("slide_id")[-1].as_py() if has_slide else None
                 prev_key = self._key_of(chunk.column("image")[-1].as_py(), last_slide)
-                yield from (g.task(self.path) for g in carry.values())
-                carry = {}
-                continue
+                continue  # (a shard carries no group over: its chunks are not adjacent)
             groups, prev_key = yield from self._chunk(chunk, first, keys, carry, prev_key)
             last = groups.get(prev_key) if self.shard_count == 1 and prev_key else None
             carry = {prev_key: last} if last is not None else {}
