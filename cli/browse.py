@@ -72,7 +72,7 @@ def cluster_cmd(
 
     with handle_errors():
         r = cluster(store, name, k=k, method=method, encoder=encoder, where=where, seed=seed,
-                    progress=progress("cells", quiet))
+                    progress=progress("cells", quiet, "cluster"))
     if as_json:
         emit_json(r)
         return

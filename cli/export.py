@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 from typing import Annotated, Callable, List, Optional
 
 import typer
 
-from cli.common import emit_json, handle_errors
+from cli.common import emit_json, handle_errors, progress_callback
 
 export_app = typer.Typer(help="Write cells out for QuPath (GeoJSON), scanpy (h5ad) or CLAM/TRIDENT (h5). "
                               "See docs/export.md.", no_args_is_help=True)
@@ -20,38 +18,9 @@ SlidesOption = Annotated[Optional[List[str]], typer.Option("--slide", help="Expo
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on standard error.")]
 
-REPORT_EVERY_S = 10.0  # off a terminal, one progress line at most this often
-
-
-def progress(unit: str, quiet: bool) -> Callable[[int, int, str], None] | None:
-    """A (done, total, what) callback: a tqdm bar on a terminal, else a line every few seconds
-    and a last one at the end, on standard error; None when quiet."""
-    if quiet:
-        return None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = {}
-
-        def on_tty(done: int, total: int, what: str) -> None:
-            if "bar" not in bar:
-                bar["bar"] = tqdm(total=total, unit=unit, dynamic_ncols=True, file=sys.stderr)
-            b = bar["bar"]
-            b.set_postfix_str(str(what)[:40], refresh=False)
-            b.update(done - b.n)
-            if done >= total:
-                b.close()
-
-        return on_tty
-    last = {"t": time.monotonic()}
-
-    def on_log(done: int, total: int, what: str) -> None:
-        now = time.monotonic()
-        if done >= total or now - last["t"] >= REPORT_EVERY_S:
-            last["t"] = now
-            typer.echo(f"{done}/{total} {unit} ({what})", err=True)
-
-    return on_log
+def progress(unit: str, quiet: bool, what: str = "export") -> Callable[[int, int, str], None] | None:
+    """A (done, total, what) callback through the shared ``cli.common.Progress`` (None when quiet)."""
+    return progress_callback(what, unit, quiet)
 
 
 @export_app.command("geojson")
@@ -70,7 +39,7 @@ def geojson_cmd(
 
     with handle_errors():
         r = export_geojson(store, out, slides=slide, predictions=predictions, attention=attention, encoder=encoder,
-                           progress=progress("slides", quiet))
+                           progress=progress("slides", quiet, "export geojson"))
     if as_json:
         emit_json(r)
         return
@@ -117,7 +86,7 @@ def h5_cmd(
     from cytostore.export import export_h5
 
     with handle_errors():
-        r = export_h5(store, out, encoder=table, slides=slide, progress=progress("slides", quiet))
+        r = export_h5(store, out, encoder=table, slides=slide, progress=progress("slides", quiet, "export h5"))
     if as_json:
         emit_json(r)
         return

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from cli.common import emit_json, handle_errors, progress_bar
+from cli.common import Progress, QuietOpt, emit_json, handle_errors
 from cytostore.imaging import CropPolicy
 from cytostore.ingest import IngestConfig, ingest
 from cytostore.sources import FORMATS, SourceOptions, open_source
@@ -40,6 +39,7 @@ def ingest_cmd(
     commit_seconds: Annotated[float, typer.Option(help="... or this many seconds after the last commit (0 = 30).")] = 0.0,
     wait: Annotated[bool, typer.Option(help="Wait for another ingest writing the same table instead of exiting.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary as the last line.")] = False,
+    quiet: Annotated[bool, QuietOpt] = False,
 ) -> None:
     """Find, crop and embed every cell of SOURCE into the store. Re-running resumes."""
     with handle_errors():
@@ -59,22 +59,17 @@ def ingest_cmd(
         )
         total_cells = len(src) if hasattr(src, "__len__") else None
         total_images = getattr(src, "n_images", None)
-        bar = progress_bar(total_cells or total_images, "cells" if total_cells else "images", not as_json)
-        t0 = time.perf_counter()
+        unit = "cells" if total_cells else "images"
+        # Cells count as added once committed, so the last refresh during the run can lag:
+        # the final line takes its counts from the finished report.
+        with Progress("ingest", unit, total_cells or total_images, quiet=quiet or as_json) as bar:
 
-        def on_progress(cells: int, images: int, report) -> None:
-            if bar is None:
-                return
-            bar.n = cells if total_cells else images
-            rate = report.cells_added / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(added=report.cells_added, failed=report.cells_failed, cells_s=f"{rate:.0f}", refresh=False)
-            bar.refresh()
+            def on_progress(cells: int, images: int, report) -> None:
+                bar.update(cells if total_cells else images, added=report.cells_added,
+                           skipped=report.cells_skipped, failed=report.cells_failed)
 
-        try:
             report = ingest(src, store, config, progress=on_progress)
-        finally:
-            if bar is not None:
-                bar.close()
+            bar.close(added=report.cells_added, skipped=report.cells_skipped, failed=report.cells_failed)
     if as_json:
         emit_json(report.to_dict())
     else:

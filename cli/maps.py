@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from cli.common import emit_json, handle_errors
+from cli.common import QuietOpt, emit_json, handle_errors
 
 StoreOption = Annotated[Path, typer.Option("--store", "-s", help="Store folder.")]
 EncoderOption = Annotated[Optional[str], typer.Option(help="Encoder table; default the only (or default) one.")]
 WhereOption = Annotated[Optional[str], typer.Option(help="SQL filter on the cell table, e.g. \"label = 'normal'\".")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")]
+QuietOption = Annotated[bool, QuietOpt]
 
 
 def _say(enabled: bool):
-    return (lambda msg: typer.echo(msg, err=True)) if enabled and sys.stderr.isatty() else None
+    # Stage messages (a few per command) go to standard error on a terminal and off one alike.
+    return (lambda msg: typer.echo(msg, err=True)) if enabled else None
 
 
 def _umap_line(meta: dict[str, Any]) -> str:
@@ -40,13 +41,14 @@ def map_cmd(
     fit_sample: Annotated[int, typer.Option(help="Fit UMAP on at most N cells; project the others.")] = 50_000,
     force: Annotated[bool, typer.Option("--force", help="Recompute the UMAP coordinates even when stored ones are current.")] = False,
     as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Draw a UMAP map of the embeddings (coordinates are stored and reused)."""
     from cytostore.maps import UmapParams, make_map
 
     with handle_errors():
         result = make_map(store, out, color_by=color_by, where=where, sample=sample, encoder=encoder, seed=seed,
-                          params=UmapParams(fit_sample=fit_sample, seed=seed), force=force, progress=_say(not as_json))
+                          params=UmapParams(fit_sample=fit_sample, seed=seed), force=force, progress=_say(not (as_json or quiet)))
     if as_json:
         emit_json(result)
         return
@@ -65,6 +67,7 @@ def mosaic_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the UMAP fit (when coordinates must be computed).")] = 0,
     fit_sample: Annotated[int, typer.Option(help="Fit UMAP on at most N cells; project the others.")] = 50_000,
     as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Draw a mosaic map: one representative cell thumbnail per tile of a grid over the UMAP plane."""
     from cytostore.maps import UmapParams, make_mosaic
@@ -72,7 +75,7 @@ def mosaic_cmd(
     with handle_errors():
         result = make_mosaic(store, out, grid=grid, where=where, encoder=encoder, seed=seed, tile_px=tile,
                              colors=colors, params=UmapParams(fit_sample=fit_sample, seed=seed),
-                             progress=_say(not as_json))
+                             progress=_say(not (as_json or quiet)))
     if as_json:
         emit_json(result)
         return
@@ -89,6 +92,7 @@ def qc_cmd(
     max_cells: Annotated[int, typer.Option(help="Check at most N cells (uniform random sample).")] = 50_000,
     listed: Annotated[int, typer.Option(help="How many duplicate pairs and outliers to list.")] = 20,
     as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Batch-effect QC (slide vs label predictability), near-duplicate and outlier cells."""
     from cytostore.qc import QcConfig, run_qc
@@ -96,7 +100,7 @@ def qc_cmd(
     config = QcConfig(min_cells_per_slide=min_cells_per_slide, max_slides=max_slides, max_cells=max_cells,
                       listed=listed)
     with handle_errors():
-        report = run_qc(store, encoder, config, progress=_say(not as_json))
+        report = run_qc(store, encoder, config, progress=_say(not (as_json or quiet)))
     if as_json:
         emit_json(report)
         return

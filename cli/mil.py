@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import emit_json, handle_errors
+from cli.common import QuietOpt, emit_json, handle_errors
 
 mil_app = typer.Typer(help="Slide-level multiple-instance learning (ABMIL, mean pooling) on stored embeddings.",
                       no_args_is_help=True)
@@ -37,12 +37,13 @@ def train_cmd(
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed of folds, sampling, initialisation and dropout.")] = 0,
     as_json: JsonOpt = False,
+    quiet: Annotated[bool, QuietOpt] = False,
 ) -> None:
     """Cross-validate a MIL head on labelled slides, then train the final model on all of them."""
     from cytostore.mil import TrainConfig, train_mil
 
     def progress(line: str) -> None:
-        if not as_json:
+        if not (as_json or quiet):
             typer.echo(line, err=True)
 
     with handle_errors():

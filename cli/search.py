@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import emit_json, handle_errors, progress_bar
+from cli.common import Progress, QuietOpt, emit_json, handle_errors
 from cytostore.index import KINDS, build_index, update_index, verify_index
 from cytostore.search import montage, run_search
 
@@ -27,22 +27,13 @@ def build_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (cuda needs a GPU build of faiss; else the CPU, "
                                               "with a note).")] = "auto",
     as_json: JsonOpt = False,
+    quiet: Annotated[bool, QuietOpt] = False,
 ) -> None:
     """Build (or rebuild) the index of a cell table, beside it in STORE/indexes/."""
     with handle_errors():
-        bar = progress_bar(None, "cells", not as_json)
-
-        def on_progress(done: int, total: int) -> None:
-            if bar is not None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-
-        try:
-            sidecar = build_index(store, encoder, kind=kind, device=device, progress=on_progress)
-        finally:
-            if bar is not None:
-                bar.close()
+        with Progress("index build", "cells", quiet=quiet or as_json) as bar:
+            sidecar = build_index(store, encoder, kind=kind, device=device, progress=bar.update)
+            bar.close()
     if as_json:
         emit_json(sidecar)
         return
@@ -59,25 +50,16 @@ def build_cmd(
 
 
 @index_app.command("update")
-def update_cmd(store: StoreOpt, encoder: EncoderOpt = None, as_json: JsonOpt = False) -> None:
+def update_cmd(store: StoreOpt, encoder: EncoderOpt = None, as_json: JsonOpt = False,
+               quiet: Annotated[bool, QuietOpt] = False) -> None:
     """Add the cells appended since the build to the index in place (remove deleted/changed ones).
 
     Exit 0 when updated or nothing to do, 1 when past the rebuild threshold (run the printed build command).
     """
     with handle_errors():
-        bar = progress_bar(None, "cells", not as_json)
-
-        def on_progress(done: int, total: int) -> None:
-            if bar is not None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-
-        try:
-            out = update_index(store, encoder, progress=on_progress)
-        finally:
-            if bar is not None:
-                bar.close()
+        with Progress("index update", "cells", quiet=quiet or as_json) as bar:
+            out = update_index(store, encoder, progress=bar.update)
+            bar.close()
     side = out.pop("sidecar", None)
     if as_json:
         emit_json({**out, "rows_indexed": side["rows"] if side else None})
