@@ -298,3 +298,20 @@ def test_search_results_as_polars(tmp_path):
     assert isinstance(df, pl.DataFrame) and df.height == 4 and df["uid"][0] == 3
     res = run_search(store, vector=x[3], k=4)
     assert res.to_polars()["uid"].to_list() == res.table.column("uid").to_pylist()
+
+
+def test_an_index_written_before_row_ids_still_loads_and_searches(tmp_path):
+    store, x = _make(tmp_path / "s", 400)
+    build_index(store, kind="flat")
+    folder = Path(store.uri("index", TABLE))
+    side = json.loads((folder / "sidecar.json").read_text())
+    for key in ("build_id", "table_id", "table_fingerprint", "max_rowid", "index_bytes", "index_sha256"):
+        side.pop(key)
+    side["format_version"], side["files"] = 1, {"index": "index.faiss", "uids": "uids.npy"}
+    (folder / "sidecar.json").write_text(json.dumps(side))
+    (folder / "rowids.npy").unlink()
+    _append(store, np.arange(6000, 6003), _vecs(3, 12))
+    res = run_search(store, vector=_vecs(3, 12)[1], k=1)
+    assert res.table.column("uid")[0].as_py() == 6001 and res.index["located_by"] == "offsets"
+    assert any("predates" in n for n in res.notes)
+    assert verify_index(store)["added"] == 3
