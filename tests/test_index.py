@@ -224,6 +224,8 @@ def test_hnsw_update_adds_rows_and_keeps_filtering_deleted(tmp_path):
     bound = load_index(store)
     assert len(bound.added) == 0 and sorted(bound.deleted.tolist()) == [1, 2]
     assert 1 not in search(store, vector=x[1], k=5).column("uid").to_pylist()
+    rep = verify_index(store)
+    assert rep["fresh"] and "HNSW graph" in rep["note"]
 
 
 def test_pinned_index_version_survives_cleanup(tmp_path):

@@ -173,7 +173,8 @@ def _rowid_delta(ds, files: IndexFiles) -> dict[str, np.ndarray]:
     new_uids, new_rowids = _uids(t), t.column("_rowid").to_numpy().astype(np.int64)
     changed = new_uids[files.find(new_uids)[0]]
     deleted = _EMPTY
-    if ds.count_rows(filter=f"_rowid <= {top}") != len(files.uids):  # rows updated in place keep their row id
+    # Rows at or below max_rowid = all rows (from metadata) - appended ones; rows updated in place keep their id.
+    if int(ds.count_rows()) - int((new_rowids > top).sum()) != len(files.uids):
         STATS["rowid_scans"] += 1  # some indexed rows are gone: which (row ids only)
         live = ds.to_table(columns=[], with_row_id=True, filter=f"_rowid <= {top}").column("_rowid").to_numpy()
         deleted = files.uids[~UidSet(live).contains(files.rowids)]

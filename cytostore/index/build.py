@@ -284,8 +284,10 @@ def verify_index(store: CellStore | str | Path, encoder: str | None = None) -> d
     changed = d.get("changed", np.zeros(0, np.int64))
     out.update(added=int(len(d["added"]) - len(changed)), changed=int(len(changed)),
                deleted=int(len(np.setdiff1d(d["deleted"], changed))), mode="uids" if "table_uids" in d else "rowids")
-    if sidecar["kind"] == "hnsw" and out["deleted"]:
-        out["deleted_filtered_hnsw"] = out["deleted"]  # an HNSW graph keeps them; search filters them
+    kept = int(sidecar.get("kept_deleted", 0)) if sidecar["kind"] == "hnsw" else 0
+    if kept and out["deleted"] == kept:  # an update already handled them: the graph keeps them, search filters them
+        out["deleted"] = 0
+        out["note"] = f"{kept} deleted cells stay in the HNSW graph, filtered at search; rebuild to drop them"
     if out["added"]:
         out["problems"].append(f"{out['added']} cells added since the index was made (searched exactly until updated)")
     if out["changed"]:
@@ -295,7 +297,7 @@ def verify_index(store: CellStore | str | Path, encoder: str | None = None) -> d
         out["problems"].append(f"{out['deleted']} indexed cells deleted since (filtered out of results)")
     if out["added"] or out["changed"] or out["deleted"]:
         out["update"] = update_command(store, table)
-    if not out["problems"] and sidecar["table_version"] != out["table_version"]:
+    if not out["problems"] and sidecar["table_version"] != out["table_version"] and not out.get("note"):
         out["note"] = (f"table version moved {sidecar['table_version']} -> {out['table_version']} "
                        "without changing its cells")
     out["fresh"] = not out["problems"]
