@@ -171,6 +171,20 @@ def progress_callback(what: str, unit: str, quiet: bool):
     return call
 
 
+def print_score(score: dict[str, Any] | None, what: str, excluded: str = "") -> None:
+    """Prints a score against stored labels (``cytostore.fewshot.scoring.agreement``); nothing when None."""
+    if not score or not score.get("n"):
+        if score:
+            typer.echo(f"no {what} left to score against stored labels{excluded}")
+        return
+    from cytostore.fewshot.scoring import confusion_lines
+
+    typer.echo(f"against the stored labels of {score['n']} {what}{excluded}: accuracy {score['accuracy']:.3f}, "
+               f"balanced accuracy {score['balanced_accuracy']:.3f}, macro-F1 {score['macro_f1']:.3f}")
+    for line in confusion_lines(score):
+        typer.echo("  " + line)
+
+
 def _environment_error(exc: BaseException) -> OSError | None:
     """The OSError (disk full, read-only, permissions) behind ``exc``, if any."""
     seen = set()

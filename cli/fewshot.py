@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import emit_json, handle_errors
+from cli.common import emit_json, handle_errors, print_score
 from cytostore.errors import InputError
 
 fewshot_app = typer.Typer(
@@ -68,6 +68,14 @@ def predict_cmd(
     for slide, counts in report["counts"].items():
         typer.echo(f"  {slide}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
     typer.echo("total: " + ", ".join(f"{k} {v}" for k, v in sorted(report["totals"].items(), key=lambda kv: -kv[1])))
+    sc = report["score"]
+    if sc:
+        left = [f"{sc['support_excluded']} support cells"] if sc["support_excluded"] else []
+        other = sc["other_classes_excluded"]
+        if other:
+            left.append(f"{sum(other.values())} cells of classes the set lacks ("
+                        + ", ".join(f"{k} {v}" for k, v in other.items()) + ")")
+        print_score(sc, "cells", f" ({'; '.join(left)} excluded)" if left else "")
 
 
 @fewshot_app.command("suggest")
@@ -77,23 +85,57 @@ def suggest_cmd(
     n: Annotated[int, typer.Option("-n", help="How many cells to suggest.")] = 20,
     where: Annotated[Optional[str], typer.Option(help="SQL filter on the cells to consider.")] = None,
     montage: Annotated[Optional[Path], typer.Option("--montage", help="Write a contact sheet PNG of them here.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Append them to this support-file CSV (slide_id, cell_id, "
+                                                              "empty label, predicted); cells already there are skipped.")] = None,
     as_json: JsonArg = False,
 ) -> None:
     """List the cells to label next: nearest a decision boundary and farthest from every prototype."""
     from cytostore.fewshot import montage as make_montage
     from cytostore.fewshot import suggest
+    from cytostore.fewshot.support import append_suggestions
 
     with handle_errors():
         rows = suggest(store, name, n, where)
         sheet = make_montage(store, rows, montage, name=name) if montage and rows else None
+        written = append_suggestions(out, rows) if out is not None else None
     if as_json:
-        emit_json({"name": name, "suggestions": rows, "montage": str(sheet) if sheet else None})
+        emit_json({"name": name, "suggestions": rows, "montage": str(sheet) if sheet else None, "out": written})
         return
     for r in rows:
         typer.echo(f"{r['rank']:>3} {r['slide_id']}/{r['cell_id']}  {r['reason']}")
     if sheet:
         typer.echo(f"montage: {sheet}")
-    typer.echo("add labelled cells to the support file and run `cytostore fewshot fit` again")
+    if written:
+        typer.echo(f"{written['appended']} cells appended to {written['path']}"
+                   + (f" ({written['already_present']} already there)" if written["already_present"] else "")
+                   + ": fill in their label column, add them to the support file, then `cytostore fewshot fit` again")
+    else:
+        typer.echo("add labelled cells to the support file and run `cytostore fewshot fit` again")
+
+
+@fewshot_app.command("show")
+def show_cmd(
+    store: StoreArg,
+    name: NameArg,
+    slide: Annotated[Optional[str], typer.Option("--slide", help="Only this slide's cells.")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="At most N cells (0 = all).")] = 50,
+    encoder: Annotated[Optional[str], typer.Option(help="Cell table holding the stored labels; default the set's.")] = None,
+    as_json: JsonArg = False,
+) -> None:
+    """Predictions of a set cell by cell, beside the stored label (tab-separated)."""
+    from cytostore.fewshot.tables import show_predictions
+
+    with handle_errors():
+        rows, total = show_predictions(store, name, slide, limit, encoder)
+    records = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows.to_pylist()]
+    if as_json:
+        emit_json({"name": name, "slide": slide, "cells": total, "shown": len(records), "rows": records})
+        return
+    typer.echo("\t".join(rows.column_names))
+    for r in records:
+        typer.echo("\t".join("" if v is None else str(v) for v in r.values()))
+    if len(records) < total:
+        typer.echo(f"showing {len(records)} of {total} predicted cells; --limit 0 shows all", err=True)
 
 
 def _ways(value: str) -> int:

@@ -3,7 +3,7 @@
 k-means (FAISS, seeded) on L2-normalised embeddings, i.e. on cosine geometry
 (spherical k-means: the centroids are re-normalised at each iteration). The result is
 written with ``cytostore.fewshot.tables.write_predictions`` as ``predictions.<name>``:
-``label`` is the cluster (``c0`` the largest, ``c1`` the next, ...), ``score`` the cosine
+``prediction`` is the cluster (``c0`` the largest, ``c1`` the next, ...), ``score`` the cosine
 to its centroid, ``runner_up``/``margin`` the second-closest cluster and the gap, and
 ``prototypes_version`` is -1 (no prototype set made it). Anything that reads prediction
 sets reads clusters unchanged: ``map --color-by prediction:NAME``, ``export geojson
@@ -130,7 +130,7 @@ def cluster(store: CellStore | str | Path, name: str, k: int = 8, method: str = 
     now = int(time.time() * 1e6)
     rows = pa.table({
         "uid": keys_t.column("uid"), "slide_id": keys_t.column("slide_id"), "cell_id": keys_t.column("cell_id"),
-        "label": pa.array(cluster_of.tolist(), pa.string()), "nearest": pa.array(cluster_of.tolist(), pa.string()),
+        "prediction": pa.array(cluster_of.tolist(), pa.string()), "nearest": pa.array(cluster_of.tolist(), pa.string()),
         "runner_up": pa.array(runner_up.tolist(), pa.string()),
         "score": pa.array(sc1), "margin": pa.array(np.maximum(sc1 - sc2, 0).astype(np.float32)),
         "prototypes_version": pa.array(np.full(n, NOT_FROM_PROTOTYPES, np.int64)),

@@ -136,7 +136,8 @@ def test_fit_predict_suggest_cli(store, tmp_path):
     assert len(set(pred.column("uid").to_pylist())) == n_cells
     score = pred.column("score").to_numpy()
     margin = pred.column("margin").to_numpy()
-    label = np.array(pred.column("label").to_pylist(), dtype=object)
+    label = np.array(pred.column("prediction").to_pylist(), dtype=object)
+    assert "label" not in pred.column_names  # the class column no longer clashes with the cell table's
     assert (score >= -1 - 1e-5).all() and (score <= 1 + 1e-5).all() and (margin >= 0).all()
     assert ((label == "unknown") == (score < 0.3)).all() and out["unknown"] == int((score < 0.3).sum())
     assert sum(sum(c.values()) for c in out["counts"].values()) == n_cells
@@ -295,3 +296,165 @@ def test_predictions_are_versions_not_merge_insert_and_survive_cleanup(store, tm
     assert pins(s.uri("prototypes", "rbc"))["predictions"] == second["prototypes_version"]
     lance.dataset(cells_uri).cleanup_old_versions(older_than=dt.timedelta(0), error_if_tagged_old_versions=False)
     assert lance.dataset(cells_uri, version=second["cells_version"]).count_rows() == n
+
+
+# -- prediction tables: layout 2, layout 1 still read -------------------------------------
+def _layout1_table(store: Path, name: str) -> "pa.Table":
+    """Writes predictions.<name> as layout 1 wrote it (class column ``label``); returns its rows."""
+    import lance
+    import pyarrow as pa
+
+    cells = CellStore.open(store).cells(columns=["uid", "slide_id", "cell_id", "label"])
+    n = cells.num_rows
+    rows = pa.table({
+        "uid": cells.column("uid"), "slide_id": cells.column("slide_id"), "cell_id": cells.column("cell_id"),
+        "label": cells.column("label"), "nearest": cells.column("label"), "runner_up": pa.nulls(n, pa.string()),
+        "score": pa.array(np.linspace(0, 1, n, dtype=np.float32)), "margin": pa.array(np.zeros(n, np.float32)),
+        "prototypes_version": pa.array(np.ones(n, np.int64)), "cells_version": pa.array(np.ones(n, np.int64)),
+        "predicted_at": pa.array(np.zeros(n, np.int64), pa.timestamp("us", tz="UTC")),
+    }).replace_schema_metadata({b"cytostore": b'{"schema": "predictions", "schema_version": 1}'})
+    lance.write_dataset(rows, CellStore.open(store).uri("predictions", name))
+    return rows
+
+
+def test_layout1_predictions_read_as_layout2(store, tmp_path):
+    import pyarrow as pa
+
+    from cytostore.fewshot.tables import write_predictions
+    from cytostore.maps import load_map_data
+
+    old = _layout1_table(store, "old")
+    t = read_predictions(store, "old")
+    assert "label" not in t.column_names and t.column("prediction").to_pylist() == old.column("label").to_pylist()
+    t = read_predictions(store, "old", columns=["uid", "prediction"], where="prediction = 'normal'")
+    assert t.column_names == ["uid", "prediction"] and set(t.column("prediction").to_pylist()) == {"normal"}
+    assert t.num_rows == old.column("label").to_pylist().count("normal")
+
+    # map --color-by prediction:old and export geojson --predictions old read it too.
+    r = runner.invoke(app, ["export", "geojson", "--store", str(store), "--out", str(tmp_path / "gj"),
+                            "--slide", "chula-1", "--predictions", "old", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    feats = json.loads((tmp_path / "gj" / "chula-1.geojson").read_text())["features"]
+    assert all(f["properties"]["classification"]["name"] == f["properties"]["metadata"]["label"] for f in feats)
+
+    # A new write on top carries the old rows over into layout 2, renamed.
+    part = read_predictions(store, "old", where="slide_id = 'chula-1'")
+    part = part.set_column(part.column_names.index("prediction"), "prediction",
+                           pa.array(["redone"] * part.num_rows, pa.string()))
+    write_predictions(CellStore.open(store), "old", part)
+    import lance
+
+    ds = lance.dataset(CellStore.open(store).uri("predictions", "old"))
+    assert "prediction" in ds.schema.names and "label" not in ds.schema.names
+    t = read_predictions(store, "old")
+    assert t.num_rows == old.num_rows
+    by_slide = {}
+    for s_, p in zip(t.column("slide_id").to_pylist(), t.column("prediction").to_pylist()):
+        by_slide.setdefault(s_, set()).add(p)
+    assert by_slide["chula-1"] == {"redone"} and "redone" not in by_slide["chula-27"]
+    md = load_map_data(store, color_by="prediction:old", sample=50)
+    assert "redone" in md.categories
+
+
+def test_predict_scores_against_stored_labels(store, tmp_path):
+    sup, chosen = _support_file(tmp_path / "support.csv", store)
+    assert runner.invoke(app, ["fewshot", "fit", "--store", str(store), "--support", str(sup), "--name", "rbc"]).exit_code == 0
+    r = runner.invoke(app, ["fewshot", "predict", "--store", str(store), "--name", "rbc", "--json"])
+    assert r.exit_code == 0, r.output
+    sc = _last_json(r.output)["score"]
+    # The same figures computed here from the stored labels and the prediction table.
+    cells = {c["uid"]: c["label"] for c in CellStore.open(store).cells(columns=["uid", "label"]).to_pylist()}
+    pred = {p["uid"]: p["prediction"] for p in read_predictions(store, "rbc").to_pylist()}
+    classes = set(load_prototypes(store, "rbc").prototypes.classes)
+    support = load_prototypes(store, "rbc").support_uids
+    kept = [u for u in pred if u not in support and cells[u] in classes]
+    assert sc["support_excluded"] == len(chosen) and sc["n"] == len(kept) > 0
+    assert sum(sc["other_classes_excluded"].values()) == sum(cells[u] not in classes for u in pred if u not in support)
+    assert sc["accuracy"] == pytest.approx(np.mean([pred[u] == cells[u] for u in kept]), abs=1e-4)
+    recalls = [np.mean([pred[u] == c for u in kept if cells[u] == c]) for c in sorted({cells[u] for u in kept})]
+    assert sc["balanced_accuracy"] == pytest.approx(np.mean(recalls), abs=1e-4)
+    m = np.array(sc["confusion"]["matrix"])
+    assert m.sum() == sc["n"] and sc["confusion"]["rows"] == sorted({cells[u] for u in kept})
+    from sklearn.metrics import f1_score
+
+    truth = [cells[u] for u in kept]
+    assert sc["macro_f1"] == pytest.approx(f1_score(truth, [pred[u] for u in kept], labels=sorted(set(truth)),
+                                                    average="macro"), abs=1e-4)
+    r = runner.invoke(app, ["fewshot", "predict", "--store", str(store), "--name", "rbc"])
+    assert f"against the stored labels of {sc['n']} cells ({len(chosen)} support cells" in r.output
+    assert "stored \\ predicted" in r.output
+
+    # Without stored labels: no score at all.
+    import lance
+
+    s = CellStore.open(store)
+    lance.dataset(s.table_uri(s.resolve())).update({"label": "NULL"})
+    r = runner.invoke(app, ["fewshot", "predict", "--store", str(store), "--name", "rbc", "--json"])
+    assert r.exit_code == 0, r.output
+    assert _last_json(r.output)["score"] is None
+    r = runner.invoke(app, ["fewshot", "predict", "--store", str(store), "--name", "rbc"])
+    assert "stored labels" not in r.output
+
+
+def test_suggest_out_appends_without_duplicates_and_show(store, tmp_path):
+    sup, chosen = _support_file(tmp_path / "support.csv", store)
+    assert runner.invoke(app, ["fewshot", "fit", "--store", str(store), "--support", str(sup), "--name", "rbc"]).exit_code == 0
+    out = tmp_path / "next.csv"
+    r = runner.invoke(app, ["fewshot", "suggest", "--store", str(store), "--name", "rbc", "-n", "4", "--out", str(out),
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    first = _last_json(r.output)
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(x["slide_id"], x["cell_id"]) for x in rows] == [(x["slide_id"], x["cell_id"]) for x in first["suggestions"]]
+    assert all(x["label"] == "" for x in rows) and [x["predicted"] for x in rows] == [x["nearest"] for x in first["suggestions"]]
+    r = runner.invoke(app, ["fewshot", "suggest", "--store", str(store), "--name", "rbc", "-n", "7", "--out", str(out),
+                            "--json"])
+    again = _last_json(r.output)["out"]
+    assert again["already_present"] == 4 and again["appended"] == 3
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    keys = [(x["slide_id"], x["cell_id"]) for x in rows]
+    assert len(keys) == len(set(keys)) == 7
+
+    # Labelled, the rows append to the support file, and the cells are no longer suggested.
+    labels = {(c["slide_id"], c["cell_id"]): c["label"] for c in CellStore.open(store).cells(
+        columns=["slide_id", "cell_id", "label"]).to_pylist()}
+    with open(sup, "a", newline="") as fh:
+        csv.writer(fh).writerows([[s_, c, labels[(s_, c)]] for s_, c in keys])
+    r = runner.invoke(app, ["fewshot", "fit", "--store", str(store), "--support", str(sup), "--name", "rbc", "--json"])
+    assert r.exit_code == 0, r.output
+    assert _last_json(r.output)["support"] == len(chosen) + 7
+    r = runner.invoke(app, ["fewshot", "suggest", "--store", str(store), "--name", "rbc", "-n", "5", "--out", str(sup),
+                            "--json"])
+    got = _last_json(r.output)
+    assert got["out"]["appended"] == 5 and not {(x["slide_id"], x["cell_id"]) for x in got["suggestions"]} & set(keys)
+    with open(sup, newline="") as fh:
+        assert next(csv.reader(fh)) == ["slide_id", "cell_id", "label"]  # the support file keeps its columns
+
+    # show: one slide's predictions beside the stored label.
+    assert runner.invoke(app, ["fewshot", "predict", "--store", str(store), "--name", "rbc"]).exit_code == 0
+    r = runner.invoke(app, ["fewshot", "show", "--store", str(store), "--name", "rbc", "--slide", "chula-27",
+                            "--limit", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    d = _last_json(r.output)
+    n27 = sum(1 for k in labels if k[0] == "chula-27")
+    assert d["cells"] == d["shown"] == n27
+    pred = {p["cell_id"]: p["prediction"] for p in read_predictions(store, "rbc", where="slide_id = 'chula-27'").to_pylist()}
+    assert all(x["slide_id"] == "chula-27" and x["label"] == labels[("chula-27", x["cell_id"])]
+               and x["prediction"] == pred[x["cell_id"]] for x in d["rows"])
+    r = runner.invoke(app, ["fewshot", "show", "--store", str(store), "--name", "rbc", "--limit", "3"])
+    assert r.output.splitlines()[0].split("\t")[:4] == ["slide_id", "cell_id", "label", "prediction"]
+    assert len([ln for ln in r.output.splitlines() if "\t" in ln]) == 4
+    r = runner.invoke(app, ["fewshot", "show", "--store", str(store), "--name", "rbc", "--slide", "nope"])
+    assert r.exit_code == 2 and "nope" in r.output
+
+
+def test_suggestion_captions_are_wrapped_not_cut():
+    from cytostore.maps.captions import caption_font, wrap
+
+    font = caption_font(11)
+    text = "boundary: target_cell vs schistocyte chula-255/460_47_and_a_very_long_cell_identifier"
+    lines = wrap(font, text, 120)
+    assert "".join(lines).replace(" ", "") == text.replace(" ", "")  # nothing dropped
+    assert all(font.getlength(line) <= 120 for line in lines)

@@ -89,7 +89,7 @@ def cell_feature(cell: dict[str, Any], name: str | None, colors: dict[str, list[
 def _predictions(store: CellStore, name: str, slides: list[str]) -> dict[int, dict[str, Any]]:
     from cytostore.fewshot.tables import read_predictions
 
-    t = read_predictions(store, name, columns=["uid", "label", "score", "margin"], where=slide_filter(slides))
+    t = read_predictions(store, name, columns=["uid", "prediction", "score", "margin"], where=slide_filter(slides))
     return {int(r["uid"]): r for r in t.to_pylist()}
 
 
@@ -102,7 +102,7 @@ def export_geojson(store: CellStore | str | Path, out: str | Path, slides: Seque
         store: the store (or its path).
         out: folder to write into (created when absent).
         slides: slide ids to export; default every slide of the table.
-        predictions: a prediction set (``fewshot predict`` or ``cluster``): its label becomes the
+        predictions: a prediction set (``fewshot predict`` or ``cluster``): its prediction becomes the
             classification and its score and margin measurements.
         attention: a MIL model folder (``mil train``): each cell's attention becomes a measurement.
         encoder: which cell table; default the only (or default) one.
@@ -122,7 +122,7 @@ def export_geojson(store: CellStore | str | Path, out: str | Path, slides: Seque
     extras = numeric_extras(ds.schema)
     columns = [c for c in BASE_COLUMNS if c in ds.schema.names] + extras
     preds = _predictions(s, predictions, chosen) if predictions else {}
-    names = ({str(p["label"]) for p in preds.values()} if predictions else
+    names = ({str(p["prediction"]) for p in preds.values()} if predictions else
              {str(v) for v in ds.to_table(columns=["label"], filter=slide_filter(chosen)).column("label").to_pylist()
               if v is not None})
     colors = class_colors(names)
@@ -141,7 +141,7 @@ def export_geojson(store: CellStore | str | Path, out: str | Path, slides: Seque
                 name = cell.get("label")
                 if predictions:
                     p = preds.get(int(cell["uid"]))
-                    name = p["label"] if p else None
+                    name = p["prediction"] if p else None
                     unpredicted += p is None
                     m.update({"score": p["score"], "margin": p["margin"]} if p else {})
                 if attention:

@@ -96,10 +96,11 @@ def _checked(s: CellStore, pset: PrototypeSet) -> str:
 
 def _scored(s: CellStore, table: str, pset: PrototypeSet, where: str | None,
             min_score: float | None) -> Iterator[tuple[pa.Table, Decision]]:
-    """(keys, decision) per batch of selected cells."""
-    cols = ["uid", "slide_id", "cell_id", "embedding"]
+    """(keys, decision) per batch of selected cells; keys carry the stored ``label`` when the table has one."""
+    key_cols = ["uid", "slide_id", "cell_id", *(["label"] if "label" in s.dataset(table).schema.names else [])]
+    cols = [*key_cols, "embedding"]
     if pset.config.transductive_steps > 0:
-        emb, keys = s.embeddings(table, where=where)
+        emb, keys = s.embeddings(table, where=where, columns=key_cols)
         feats = pset.transform(emb)
         protos = refine(pset.prototypes, feats, pset.config)
         if len(feats):
@@ -139,13 +140,13 @@ def predict(store: CellStore | str | Path, name: str, where: str | None = None,
     table = _checked(s, pset)
     cells_version = int(s.dataset(table).version)
     counts: dict[str, Counter] = defaultdict(Counter)
-    parts = []
+    parts, stored = [], []
     now = pa.scalar(int(time.time() * 1e6), pa.timestamp("us", tz="UTC"))
     for keys, d in _scored(s, table, pset, where, min_score):
         n = keys.num_rows
         parts.append(pa.table({
             "uid": keys.column("uid"), "slide_id": keys.column("slide_id"), "cell_id": keys.column("cell_id"),
-            "label": pa.array(d.label.tolist(), pa.string()), "nearest": pa.array(d.nearest.tolist(), pa.string()),
+            "prediction": pa.array(d.label.tolist(), pa.string()), "nearest": pa.array(d.nearest.tolist(), pa.string()),
             "runner_up": pa.array(d.runner_up.tolist(), pa.string()),
             "score": pa.array(d.score, pa.float32()), "margin": pa.array(d.margin, pa.float32()),
             "prototypes_version": pa.array(np.full(n, pset.version, np.int64)),
@@ -154,6 +155,8 @@ def predict(store: CellStore | str | Path, name: str, where: str | None = None,
         }))
         for slide, label in zip(keys.column("slide_id").to_pylist(), d.label.tolist()):
             counts[slide][label] += 1
+        if "label" in keys.column_names:
+            stored.append(keys.column("label"))
     if not parts:
         raise InputError(f"no cells of table {table!r} match {where!r}; nothing to predict")
     rows = pa.concat_tables(parts)
@@ -167,7 +170,32 @@ def predict(store: CellStore | str | Path, name: str, where: str | None = None,
     return {"name": name, "prototypes_version": pset.version, "table": table, "cells_version": cells_version,
             "predictions_version": version, "cells": rows.num_rows, "min_score": min_score,
             "unknown": int(totals.get(UNKNOWN, 0)), "totals": dict(sorted(totals.items())),
-            "counts": {k: dict(sorted(v.items())) for k, v in sorted(counts.items())}}
+            "counts": {k: dict(sorted(v.items())) for k, v in sorted(counts.items())},
+            "score": _score(rows, pa.chunked_array([c for ch in stored for c in ch.chunks], pa.string())
+                            if stored else None, pset)}
+
+
+def _score(rows: pa.Table, stored: pa.ChunkedArray | None, pset: PrototypeSet) -> dict[str, Any] | None:
+    """Predictions against the labels stored for the same cells; None when no predicted cell has one.
+
+    Support cells are left out (they made the prototypes), and so are cells whose stored
+    label is not a class of the set (they cannot be predicted right); both are counted.
+    """
+    from cytostore.fewshot.scoring import agreement
+
+    if stored is None or stored.null_count == len(stored):
+        return None
+    truth = np.array(stored.to_pylist(), dtype=object)
+    pred = np.array(rows.column("prediction").to_pylist(), dtype=object)
+    labelled = np.array([v is not None for v in truth])
+    support = np.isin(rows.column("uid").to_numpy(), np.fromiter(pset.support_uids, np.int64)) & labelled
+    classes = set(pset.prototypes.classes)
+    other = labelled & ~support & ~np.isin(truth, list(classes))
+    keep = labelled & ~support & ~other
+    result = agreement(truth[keep].tolist(), pred[keep].tolist()) or {"n": 0}
+    result.update({"labelled_cells": int(labelled.sum()), "support_excluded": int(support.sum()),
+                   "other_classes_excluded": dict(sorted(Counter(truth[other].tolist()).items()))})
+    return result
 
 
 def suggest(store: CellStore | str | Path, name: str, n: int = 20, where: str | None = None) -> list[dict[str, Any]]:
@@ -228,9 +256,10 @@ def montage(store: CellStore | str | Path, rows: list[dict[str, Any]], out: str 
             encoder: str | None = None, columns: int = 5, scale: int = 2) -> Path:
     """A contact sheet (PNG) of suggested cells from their stored thumbnails, captioned
     with slide/cell and the reason each was suggested."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     from cytostore.imaging import decode_thumbnail
+    from cytostore.maps.captions import caption_font, line_height, wrap_all
 
     s = as_store(store)
     table = load_prototypes(s, name).metadata.get("table") if name else encoder
@@ -239,24 +268,28 @@ def montage(store: CellStore | str | Path, rows: list[dict[str, Any]], out: str 
     uids = [r["uid"] for r in rows]
     got = s.cells(columns=["uid", "thumbnail"], where="uid IN (" + ",".join(map(str, uids)) + ")", encoder=table)
     thumbs = dict(zip(got.column("uid").to_pylist(), got.column("thumbnail").to_pylist()))
-    font = ImageFont.load_default()
-    side, text_h, pad = 64 * scale, 40, 6
+    font = caption_font(11)
+    side, pad = 64 * scale, 6
     tile_w = max(side, 190)
+    # Captions are wrapped to the tile width, never cut; the row height fits the longest.
+    captions = [wrap_all(font, (f"#{r['rank']} {r['slide_id']}/{r['cell_id']}", r["reason"].split(" (")[0],
+                                f"{r['nearest']}  s={r['score']:.2f}  m={r['margin']:.2f}"), tile_w)
+                for r in rows]
+    lh = line_height(font)
+    text_h = max(len(c) for c in captions) * lh + 4
     ncol = max(1, min(columns, len(rows)))
     nrow = (len(rows) + ncol - 1) // ncol
     sheet = Image.new("RGB", (ncol * (tile_w + pad) + pad, nrow * (side + text_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, r in enumerate(rows):
+    for i, (r, lines) in enumerate(zip(rows, captions)):
         x0 = pad + (i % ncol) * (tile_w + pad)
         y0 = pad + (i // ncol) * (side + text_h + pad)
         thumb = thumbs.get(r["uid"])
         if thumb is not None:
             im = Image.fromarray(decode_thumbnail(thumb)).resize((side, side), Image.NEAREST)
             sheet.paste(im, (x0 + (tile_w - side) // 2, y0))
-        reason = r["reason"].split(" (")[0]
-        lines = (f"#{r['rank']} {r['slide_id']}/{r['cell_id']}", reason[:34], f"{r['nearest']}  s={r['score']:.2f}  m={r['margin']:.2f}"[:36])
         for j, line in enumerate(lines):
-            draw.text((x0, y0 + side + 2 + 12 * j), line, fill="black", font=font)
+            draw.text((x0, y0 + side + 2 + lh * j), line, fill="black", font=font)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)

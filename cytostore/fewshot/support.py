@@ -165,3 +165,58 @@ def load_table_encoder(prov: dict[str, Any], table: str):
             f"was embedded with {str(want)[:16]}...; install the same weights, or name store cells "
             "(slide_id, cell_id) in the support file instead of images")
     return enc
+
+
+SUGGESTION_COLUMNS = ("slide_id", "cell_id", "label", "predicted", "reason")
+
+
+def append_suggestions(path: str | Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Writes suggested cells to a support-file CSV with an empty ``label`` to fill in.
+
+    A new file gets the columns ``slide_id, cell_id, label, predicted, reason``
+    (``predicted``: the nearest class now, a hint, never read as the label). An existing
+    file (the support file itself, or an earlier ``--out``) keeps its own columns and
+    rows: suggestions are appended below, and cells it already names are skipped.
+
+    Returns:
+        path, rows appended, cells skipped as already present, and the file's columns.
+
+    Raises:
+        InputError: the existing file is not a CSV naming cells by slide_id and cell_id.
+    """
+    import csv
+
+    path = Path(path)
+    fields, present, ends_clean = list(SUGGESTION_COLUMNS), set(), True
+    if path.exists() and path.stat().st_size > 0:
+        if path.suffix.lower() in {".parquet", ".pq"}:
+            raise InputError(f"--out {path}: suggestions are appended to CSV files; name a .csv file")
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            fields = list(reader.fieldnames or [])
+            if not {"slide_id", "cell_id"} <= set(fields):
+                raise InputError(f"--out {path}: an existing support file needs slide_id and cell_id columns; "
+                                 f"it has {fields}; write the suggestions to a new file instead")
+            present = {(str(r["slide_id"]), str(r["cell_id"])) for r in reader}
+        with open(path, "rb") as fh:
+            fh.seek(-1, 2)
+            ends_clean = fh.read(1) == b"\n"
+        new_file = False
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new_file = True
+    fresh = []
+    for r in rows:
+        key = (str(r["slide_id"]), str(r["cell_id"]))
+        if key not in present:
+            present.add(key)
+            fresh.append({"slide_id": key[0], "cell_id": key[1], "label": "", "predicted": r.get("nearest", ""),
+                          "reason": r.get("reason", "")})
+    with open(path, "a" if not new_file else "w", newline="") as fh:
+        if not ends_clean:
+            fh.write("\n")
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore", restval="")
+        if new_file:
+            w.writeheader()
+        w.writerows(fresh)
+    return {"path": str(path), "appended": len(fresh), "already_present": len(rows) - len(fresh), "columns": fields}

@@ -165,6 +165,22 @@ def load_prototypes(store: CellStore | str | Path, name: str, version: int | Non
                         config, meta)
 
 
+PREDICTION = "prediction"  # the predicted class (layout 2)
+LAYOUT1_PREDICTION = "label"  # its name in layout 1, renamed on read
+
+
+def _layout1(sch: pa.Schema) -> bool:
+    """Whether a predictions table was written with layout 1 (class column ``label``)."""
+    return LAYOUT1_PREDICTION in sch.names and PREDICTION not in sch.names
+
+
+def _upgraded(table: pa.Table) -> pa.Table:
+    """A layout-1 table with its class column renamed to ``prediction`` (others unchanged)."""
+    if not _layout1(table.schema):
+        return table
+    return table.rename_columns([PREDICTION if c == LAYOUT1_PREDICTION else c for c in table.column_names])
+
+
 def write_predictions(store: CellStore, name: str, rows: pa.Table) -> int:
     """Writes prediction rows as a new version of ``predictions.<name>``; returns that version.
 
@@ -173,6 +189,7 @@ def write_predictions(store: CellStore, name: str, rows: pa.Table) -> int:
     from the previous version's files, which a version never changes) and committed
     at once under the prediction set's writer lock: no ``merge_insert``, so a killed
     predict leaves the previous version intact and concurrent writers wait or stop.
+    A set written with layout 1 is carried over into layout 2 (``label`` -> ``prediction``).
     """
     import lance
 
@@ -183,7 +200,7 @@ def write_predictions(store: CellStore, name: str, rows: pa.Table) -> int:
     sch = schema.arrow_schema("predictions", metadata={"schema": "predictions",
                                                         "schema_version": schema.version("predictions"),
                                                         "prototypes": name})
-    rows = conform(rows, sch)
+    rows = conform(_upgraded(rows), sch)
     new = UidSet(rows.column("uid").to_numpy())
 
     def make(current: int | None):
@@ -194,7 +211,8 @@ def write_predictions(store: CellStore, name: str, rows: pa.Table) -> int:
             for b in lance.dataset(_uri(store, "predictions", name), version=current).to_batches(batch_size=65_536):
                 keep = ~new.contains(b.column("uid").to_numpy())
                 if keep.any():
-                    yield from conform(pa.Table.from_batches([b]).filter(pa.array(keep)), sch).to_batches()
+                    old = _upgraded(pa.Table.from_batches([b]).filter(pa.array(keep)))
+                    yield from conform(old, sch).to_batches()
             yield from rows.to_batches()
 
         return pa.RecordBatchReader.from_batches(sch, batches())
@@ -204,12 +222,15 @@ def write_predictions(store: CellStore, name: str, rows: pa.Table) -> int:
 
 def read_predictions(store: CellStore | str | Path, name: str, columns: list[str] | None = None,
                      where: str | None = None) -> pa.Table:
-    """The predictions of prototype set ``name``: one row per predicted cell, keyed by uid.
+    """The predictions of set ``name``: one row per predicted cell, the class in ``prediction``.
 
-    Join it on ``uid`` with ``CellStore.cells()`` (maps colour by ``prediction:NAME``).
+    Join it with ``CellStore.cells()`` on ``uid`` (with ``slide_id`` and ``cell_id`` too, to
+    keep one of each): the cell's stored ``label`` and its ``prediction`` sit side by side.
+    Sets written with layout 1 read the same: their ``label`` column comes back as
+    ``prediction`` (``columns`` and ``where`` may name ``prediction`` for them too).
 
     Raises:
-        StoreError: nothing was predicted with that name yet.
+        StoreError: nothing was predicted with that name yet, or a bad filter.
     """
     import lance
 
@@ -218,9 +239,71 @@ def read_predictions(store: CellStore | str | Path, name: str, columns: list[str
     if "://" not in uri and not Path(uri).is_dir():
         raise StoreError(f"no predictions named {name!r} in {s.root}; run "
                          f"`cytostore fewshot predict --store {s.root} --name {name}` first")
-    try:
-        return lance.dataset(uri).to_table(columns=columns, filter=where)
-    except Exception as e:
+    ds = lance.dataset(uri)
+    if _layout1(ds.schema):
+        if columns is not None:
+            columns = [LAYOUT1_PREDICTION if c == PREDICTION else c for c in columns]
         if where:
-            raise StoreError(f"cannot apply filter {where!r} to predictions {name!r}: {e}") from e
+            where = re.sub(rf"\b{PREDICTION}\b", LAYOUT1_PREDICTION, where)
+    try:
+        return _upgraded(ds.to_table(columns=columns, filter=where))
+    except Exception as e:
+        if where or columns:
+            raise StoreError(f"cannot read predictions {name!r} of {s.root} with columns {columns} and filter "
+                             f"{where!r}: {e}; the columns are {_upgraded(ds.schema.empty_table()).column_names}") from e
         raise
+
+
+SHOWN = ("slide_id", "cell_id", "label", "prediction", "nearest", "runner_up", "score", "margin", "uid")
+
+
+def show_predictions(store: CellStore | str | Path, name: str, slide: str | None = None, limit: int = 50,
+                     encoder: str | None = None) -> tuple[pa.Table, int]:
+    """Predictions of set ``name`` cell by cell, beside each cell's stored ``label``.
+
+    Args:
+        store: the store (or its path).
+        name: a prediction set (``fewshot predict`` or ``cluster``).
+        slide: only this slide's cells.
+        limit: at most this many rows (0: all), ordered by slide then cell id.
+        encoder: the cell table holding the labels; default the table the prototype set
+            was fitted on, else the store's only (or default) one.
+
+    Returns:
+        (rows with the columns of ``SHOWN``, how many cells the set predicted in all).
+
+    Raises:
+        InputError: a negative limit, or a slide the set did not predict.
+        StoreError: no such prediction set.
+    """
+    from cytostore.errors import InputError
+
+    if limit < 0:
+        raise InputError(f"--limit must be 0 (all) or more, got {limit}")
+    s = as_store(store)
+    where = None
+    if slide is not None:
+        where = "slide_id = '" + slide.replace("'", "''") + "'"
+    pred = read_predictions(s, name, columns=["uid", "slide_id", "cell_id", "prediction", "nearest", "runner_up",
+                                              "score", "margin"], where=where)
+    total = pred.num_rows
+    if slide is not None and total == 0:
+        raise InputError(f"predictions {name!r} hold no cell of slide {slide!r}; list the slides with "
+                         f"`cytostore slides --store {s.root}`")
+    pred = pred.sort_by([("slide_id", "ascending"), ("cell_id", "ascending")])
+    if limit:
+        pred = pred.slice(0, limit)
+    if encoder is None and name in prototype_sets(s):
+        encoder = load_prototypes(s, name).metadata.get("table")
+    table = s.resolve(encoder)
+    labels: dict[int, Any] = {}
+    if "label" in s.dataset(table).schema.names and pred.num_rows:
+        uids = pred.column("uid").to_numpy()
+        for start in range(0, len(uids), 1000):
+            part = uids[start:start + 1000]
+            got = s.cells(columns=["uid", "label"], where="uid IN (" + ",".join(str(int(u)) for u in part) + ")",
+                          encoder=table)
+            labels.update(zip(got.column("uid").to_pylist(), got.column("label").to_pylist()))
+    stored = pa.array([labels.get(int(u)) for u in pred.column("uid").to_numpy()], pa.string())
+    pred = pred.append_column("label", stored)
+    return pred.select(list(SHOWN)), total

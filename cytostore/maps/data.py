@@ -1,7 +1,8 @@
 """What a map draws: the selected cells, their UMAP coordinates and their colours.
 
 ``--color-by`` is resolved here: ``label``, ``slide_id``, any column of the cell
-table, or ``prediction:NAME`` (joined on ``uid`` with ``predictions.NAME.lance``).
+table, or ``prediction:NAME`` (the ``prediction`` column of ``predictions.NAME.lance``, joined on
+``uid``; sets written with layout 1 name it ``label`` and read the same).
 Text and boolean columns are categorical (a legend), numeric columns continuous
 (a colour bar).
 """
@@ -103,11 +104,11 @@ def _categorise(values: list[Any]) -> tuple[np.ndarray, list[str]]:
 
 
 def _prediction_labels(store: CellStore, name: str, uids: np.ndarray) -> list[Any]:
-    import lance
+    from cytostore.fewshot.tables import read_predictions
 
-    pred = lance.dataset(_predictions_uri(store, name)).to_table(columns=["uid", "label"])
+    pred = read_predictions(store, name, columns=["uid", "prediction"])
     p_uid = pred.column("uid").to_numpy()
-    p_lab = np.array(pred.column("label").to_pylist(), dtype=object)
+    p_lab = np.array(pred.column("prediction").to_pylist(), dtype=object)
     order = np.argsort(p_uid, kind="stable")
     p_uid, p_lab = p_uid[order], p_lab[order]
     pos = np.clip(np.searchsorted(p_uid, uids), 0, max(len(p_uid) - 1, 0))
