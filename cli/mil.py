@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import QuietOpt, emit_json, handle_errors
+from cli.common import QuietOpt, emit_json, handle_errors, print_score
 
 mil_app = typer.Typer(help="Slide-level multiple-instance learning (ABMIL, mean pooling) on stored embeddings.",
                       no_args_is_help=True)
@@ -79,20 +79,28 @@ def predict_cmd(
 ) -> None:
     """Predict a label and class probabilities for every slide (all its cells)."""
     from cytostore.mil import predict
+    from cytostore.mil.infer import score
 
     with handle_errors():
         preds = predict(store, model, where=where, table=table, device=device)
         if out is not None:
             preds.write(out)
+        sc = score(store, model, preds)
     rows = preds.rows()
     if as_json:
         emit_json({"table": preds.table, "classes": preds.classes, "slides": len(rows), "predictions": rows,
-                   "out": str(out) if out else None})
+                   "out": str(out) if out else None, "score": sc})
         return
     for r in rows:
         probs = ", ".join(f"{c} {p:.3f}" for c, p in r["probabilities"].items())
         typer.echo(f"{r['slide_id']}\t{r['label']}\t({r['n_cells']} cells; {probs})")
     typer.echo(f"{len(rows)} slides predicted from table {preds.table}" + (f"; written to {out}" if out else ""))
+    if sc:
+        left = [f"{sc['training_excluded']} slides the model was trained on"] if sc["training_excluded"] else []
+        if sc["other_classes_excluded"]:
+            left.append(f"{sum(sc['other_classes_excluded'].values())} slides of classes the model lacks ("
+                        + ", ".join(f"{k} {v}" for k, v in sc["other_classes_excluded"].items()) + ")")
+        print_score(sc, "slides", f" ({'; '.join(left)} excluded)" if left else "")
 
 
 @mil_app.command("explain")

@@ -1,7 +1,8 @@
 """Slide-level MIL: masking, grouped folds, provenance, errors, repeatability, CLI end to end.
 
 Bags come from small generated stores (cytostore.mil.synthetic): no encoder runs,
-so the whole file stays fast.
+so the file stays fast; scoring against stored slide labels also runs on real Chula
+cells (one ingest of two fields, module-scoped).
 """
 
 from __future__ import annotations
@@ -274,3 +275,67 @@ def test_split_test_rows_are_held_out(syn, tmp_path):
     rep = train_mil(syn["store"], path, tmp_path / "m", FAST, folds=3)
     assert sum(rep.counts.values()) == 15 and rep.test["n"] == 3
     assert {r["slide_id"] for r in rep.oof} == set(list(syn["slides"])[:15])
+
+
+# -- scoring against the store's slide labels, on real cells ---------------------------------
+REAL_FIELDS = ("chula-1", "chula-27")
+
+
+@pytest.fixture(scope="module")
+def real_split(tmp_path_factory, small_store):
+    """Two real Chula fields cut into 4 slides each (slide_label = the field), and a model
+    trained on 2 slides of each field."""
+    from cytostore import IngestConfig, ingest, open_source
+    from tests.conftest import sample_rows, write_manifest
+
+    root = tmp_path_factory.mktemp("mil-real")
+    rows = []
+    for field in REAL_FIELDS:
+        cells = sample_rows([field])
+        for i, r in enumerate(cells):
+            rows.append({**r, "slide_id": f"{field}-{i % 4}", "slide_label": field})
+    report = ingest(open_source(write_manifest(rows, root / "cells.csv")), root / "store", IngestConfig(batch_size=32))
+    assert report.cells_failed == 0
+    train = [f"{f}-{k}" for f in REAL_FIELDS for k in (0, 1)]
+    labels = root / "train.csv"
+    with open(labels, "w", newline="") as fh:
+        csv.writer(fh).writerows([["slide_id", "label"], *[[s_, s_.rsplit("-", 1)[0]] for s_ in train]])
+    train_mil(root / "store", labels, root / "model", FAST, folds=2)
+    return {"store": root / "store", "model": root / "model", "train": set(train), "small": small_store}
+
+
+def test_mil_predict_scores_held_out_slides(real_split, tmp_path):
+    res = runner.invoke(app, ["mil", "predict", "--store", str(real_split["store"]), "--model",
+                              str(real_split["model"]), "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout.strip().splitlines()[-1])
+    sc = d["score"]
+    held = [r for r in d["predictions"] if r["slide_id"] not in real_split["train"]]
+    assert d["slides"] == 8 and sc["labelled_slides"] == 8 and sc["training_excluded"] == 4 and sc["n"] == len(held) == 4
+    truth = [r["slide_id"].rsplit("-", 1)[0] for r in held]
+    assert sc["accuracy"] == pytest.approx(np.mean([r["label"] == t for r, t in zip(held, truth)]), abs=1e-4)
+    assert np.array(sc["confusion"]["matrix"]).sum() == 4 and sc["confusion"]["rows"] == sorted(set(truth))
+    res = runner.invoke(app, ["mil", "predict", "--store", str(real_split["store"]), "--model",
+                              str(real_split["model"]), "--device", "cpu"])
+    assert "against the stored labels of 4 slides (4 slides the model was trained on excluded)" in res.output
+
+    # A store without slide labels: no score.
+    res = runner.invoke(app, ["mil", "predict", "--store", str(real_split["small"]), "--model",
+                              str(real_split["model"]), "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["score"] is None
+
+
+def test_attention_montage_captions_name_cell_and_label(real_split, tmp_path):
+    from PIL import Image
+
+    from cytostore.maps.captions import caption_font, line_height
+    from cytostore.mil import explain, montage
+
+    e = explain(real_split["store"], real_split["model"], "chula-27-2", device="cpu")
+    png = montage(real_split["store"], e, tmp_path / "top.png", top=8, columns=4)
+    with Image.open(png) as im:
+        w, h = im.size
+    assert w == 4 * 96
+    lines = (h // 2) - 96  # two rows of tiles, each with its caption
+    assert lines >= 3 * line_height(caption_font(10))  # rank/attention, cell id, label

@@ -164,10 +164,12 @@ def _explain(store_path, model_dir, slide_id, table, device) -> Explanation:
 
 def montage(store_path: str | Path, explanation: Explanation, out: str | Path, top: int = 16,
             columns: int = 8, tile: int = 96) -> Path:
-    """A PNG contact sheet of the most attended cells' stored thumbnails, attention under each."""
+    """A PNG contact sheet of the most attended cells' stored thumbnails; under each its rank,
+    attention, cell id and stored label (wrapped to the tile, never cut)."""
     from PIL import Image, ImageDraw
 
     from cytostore.imaging import decode_thumbnail
+    from cytostore.maps.captions import caption_font, line_height, wrap_all
 
     store = CellStore.open(store_path)
     best = explanation.cells.slice(0, top)
@@ -175,21 +177,76 @@ def montage(store_path: str | Path, explanation: Explanation, out: str | Path, t
     if not uids:
         raise InputError(f"slide {explanation.slide_id!r} has no cell to show")
     where = f"slide_id = {sql_quote(explanation.slide_id)} AND uid IN ({', '.join(str(int(u)) for u in uids)})"
-    thumbs = store.cells(columns=["uid", "thumbnail"], where=where, encoder=explanation.table)
+    has_label = "label" in store.dataset(explanation.table).schema.names
+    thumbs = store.cells(columns=["uid", "thumbnail", *(["label"] if has_label else [])], where=where,
+                         encoder=explanation.table)
     by_uid = dict(zip(thumbs.column("uid").to_pylist(), thumbs.column("thumbnail").to_pylist()))
+    label_of = dict(zip(thumbs.column("uid").to_pylist(), thumbs.column("label").to_pylist())) if has_label else {}
+    font = caption_font(10)
+    lh = line_height(font)
+    captions = []
+    for k, (cell, a) in enumerate(zip(best.column("cell_id").to_pylist(), best.column("attention").to_pylist())):
+        lab = label_of.get(uids[k])
+        captions.append(wrap_all(font, (f"#{k + 1} a={a:.3f}", str(cell), "no label" if lab is None else str(lab)),
+                                 tile - 4))
+    label_h = max(len(c) for c in captions) * lh + 4
     cols = min(columns, len(uids))
     rows = (len(uids) + cols - 1) // cols
-    label_h = 16
     sheet = Image.new("RGB", (cols * tile, rows * (tile + label_h)), "white")
     draw = ImageDraw.Draw(sheet)
-    for k, (uid, a) in enumerate(zip(uids, best.column("attention").to_pylist())):
+    for k, (uid, lines) in enumerate(zip(uids, captions)):
         if uid not in by_uid:
             raise StoreError(f"cell uid {uid} of slide {explanation.slide_id!r} has no thumbnail")
         img = Image.fromarray(decode_thumbnail(by_uid[uid])).resize((tile, tile), Image.BILINEAR)
         x, y = (k % cols) * tile, (k // cols) * (tile + label_h)
         sheet.paste(img, (x, y))
-        draw.text((x + 3, y + tile + 2), f"#{k + 1} a={a:.3f}", fill="black")
+        for j, line in enumerate(lines):
+            draw.text((x + 3, y + tile + 2 + lh * j), line, fill="black", font=font)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out, format="PNG")
     return out
+
+
+def training_slides(model_dir: str | Path) -> set[str]:
+    """Slides the final model was fitted on (the cross-validated ones in its metrics.json)."""
+    import json
+
+    from cytostore.mil.artifacts import METRICS
+
+    path = Path(model_dir) / METRICS
+    if not path.is_file():
+        return set()
+    try:
+        oof = json.loads(path.read_text()).get("oof") or []
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} is not valid JSON ({e}); retrain the model") from e
+    return {str(r["slide_id"]) for r in oof if "slide_id" in r}
+
+
+def score(store_path: str | Path, model_dir: str | Path, preds: Predictions) -> dict[str, Any] | None:
+    """Slide predictions against the store's ``slide_label``; None when no predicted slide has one.
+
+    Slides the model was trained on are left out (their predictions are not a test) and counted;
+    so are slides whose stored label is not one of the model's classes.
+    """
+    from collections import Counter
+
+    from cytostore.fewshot.scoring import agreement
+    from cytostore.mil.bags import store_slide_labels
+
+    store = CellStore.open(store_path)
+    if "slide_label" not in store.dataset(preds.table).schema.names:
+        return None
+    stored = store_slide_labels(store, preds.table)
+    labelled = [(s, stored[s], p) for s, p in zip(preds.slide_ids, preds.labels()) if stored.get(s)]
+    if not labelled:
+        return None
+    trained = training_slides(model_dir)
+    classes = set(preds.classes)
+    test = [(t, p) for s, t, p in labelled if s not in trained and t in classes]
+    other = Counter(t for s, t, _ in labelled if s not in trained and t not in classes)
+    result = agreement([t for t, _ in test], [p for _, p in test]) or {"n": 0}
+    result.update({"labelled_slides": len(labelled), "training_excluded": sum(s in trained for s, _, _ in labelled),
+                   "other_classes_excluded": dict(sorted(other.items()))})
+    return result
