@@ -134,12 +134,36 @@ def measure(path: Path, rows: int) -> dict:
     }
 
 
+def keyset_only(rows: int) -> dict:
+    """Peak RSS of the source's repeated-key set alone: ``rows`` keys claimed in chunks of
+    1,024, as ManifestSource claims them (KeySet levels merged like a binary counter)."""
+    from cytostore.keys import KeySet
+
+    rng = np.random.default_rng(0)
+    keys = KeySet()
+    with PeakRss() as peak:
+        base = peak.proc.memory_info().rss
+        for start in range(0, rows, 1024):
+            n = min(1024, rows - start)
+            keys.classify(rng.integers(0, 2**63 - 1, n), rng.integers(-2**63, 2**63 - 1, n))
+    return {"keyset_only_rows": rows, "keyset_mb": round(_keyset_bytes(keys) / 2**20, 1),
+            "keyset_peak_growth_mb": round((peak.peak - base) / 2**20)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--formats", nargs="+", default=["csv", "parquet"])
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--keyset-only", action="store_true", help="measure the repeated-key set alone")
     args = ap.parse_args()
+    if args.keyset_only:
+        for rows in args.rows:
+            out = subprocess.run([sys.executable, "-c", f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                                  f"import manifest_plan as m; print(json.dumps(m.keyset_only({rows})))"],
+                                 check=True, capture_output=True, text=True)
+            print(out.stdout.strip().splitlines()[-1], flush=True)
+        return
     if args.child:
         print(json.dumps(measure(Path(args.child), args.rows[0])), flush=True)
         return
