@@ -57,6 +57,9 @@ def _sql(value: str) -> str:
 
 # -- nearest neighbours -------------------------------------------------------------
 def _top(scores: np.ndarray, uids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if len(scores) > 4 * k + 1024:  # keep the k best (and every tie of the k-th) before the full sort
+        keep = scores >= np.partition(scores, len(scores) - k)[len(scores) - k]
+        scores, uids = scores[keep], uids[keep]
     order = np.lexsort((uids, -scores))[:k]  # best score first; uid breaks ties
     return scores[order], uids[order]
 
@@ -132,7 +135,10 @@ def knn(bound: BoundIndex, q: np.ndarray, k: int, allowed: np.ndarray | None = N
         mask = ~np.isin(bound.added, banned)
         if allowed is not None:
             mask &= np.isin(bound.added, allowed)
-        if mask.any():
+        if mask.all():  # no copy of the added rows' vectors (a boolean index would copy them every query)
+            scores.append((bound.added_vectors() @ q).astype(np.float32))
+            uids.append(bound.added)
+        elif mask.any():
             scores.append((bound.added_vectors()[mask] @ q).astype(np.float32))
             uids.append(bound.added[mask])
     s, u = _top(np.concatenate(scores), np.concatenate(uids), k)
