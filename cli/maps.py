@@ -131,8 +131,41 @@ def qc_cmd(
                 typer.echo(f"    {c['slide_id']}/{c['cell_id']} uid {c['uid']} score {c['score']} z {c['z']}")
 
 
+def overlay_cmd(
+    store: StoreOption,
+    slide: Annotated[str, typer.Option("--slide", help="Slide (or field) id; see `cytostore slides`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="FILE.png")],
+    predictions: Annotated[Optional[str], typer.Option("--predictions", help="Colour by this prediction set "
+                                                                             "(fewshot predict, cluster).")] = None,
+    attention: Annotated[Optional[Path], typer.Option("--attention", help="Colour by the attention of this MIL "
+                                                                          "model folder (mil train).")] = None,
+    encoder: EncoderOption = None,
+    image: Annotated[Optional[str], typer.Option("--image", help="The image to draw on, when the slide spans several.")] = None,
+    max_side: Annotated[int, typer.Option("--max-side", help="Longest side of the drawn image, pixels (whole "
+                                                              "slides: the pyramid level that fits).")] = 2048,
+    as_json: JsonOption = False,
+) -> None:
+    """Draw a slide's stored detections on its image, coloured by label, prediction or attention (PNG)."""
+    from cytostore.maps.overlay import overlay
+
+    with handle_errors():
+        r = overlay(store, slide, out, predictions=predictions, attention=attention, encoder=encoder, image=image,
+                    max_side=max_side)
+    if as_json:
+        emit_json(r)
+        return
+    read = r["read"]
+    where = (f"OpenSlide level {read['level']} (downsample {read['downsample']:g})" if read["kind"] == "slide"
+             else f"{read['size'][0]}x{read['size'][1]} px")
+    typer.echo(f"{r['cells']} cells of {r['slide_id']} drawn on {r['image']} ({where}), coloured by {r['color_by']}: "
+               f"{r['out']}")
+    if r["cells_outside_image"]:
+        typer.echo(f"  {r['cells_outside_image']} cells lie outside the image drawn")
+
+
 def register(app: typer.Typer) -> None:
-    """Adds `map`, `mosaic` and `qc` to the app."""
+    """Adds `map`, `mosaic`, `qc` and `overlay` to the app."""
     app.command("map")(map_cmd)
     app.command("mosaic")(mosaic_cmd)
     app.command("qc")(qc_cmd)
+    app.command("overlay")(overlay_cmd)

@@ -339,3 +339,18 @@ def test_attention_montage_captions_name_cell_and_label(real_split, tmp_path):
     assert w == 4 * 96
     lines = (h // 2) - 96  # two rows of tiles, each with its caption
     assert lines >= 3 * line_height(caption_font(10))  # rank/attention, cell id, label
+
+
+def test_overlay_coloured_by_attention(real_split, tmp_path):
+    from cytostore.mil import explain
+
+    e = explain(real_split["store"], real_split["model"], "chula-27-2", device="cpu")
+    att = e.cells.column("attention").to_numpy()
+    out = tmp_path / "att.png"
+    res = runner.invoke(app, ["overlay", "--store", str(real_split["store"]), "--slide", "chula-27-2", "--out", str(out),
+                              "--attention", str(real_split["model"]), "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["color_by"] == "attention" and r["cells"] == e.cells.num_rows
+    assert r["legend"]["min"] == pytest.approx(float(att.min())) and r["legend"]["max"] == pytest.approx(float(att.max()))
+    assert r["legend"]["mil_label"] == e.label and out.stat().st_size > 0
