@@ -6,6 +6,8 @@
     html.py     one self-contained interactive HTML file (canvas, inline thumbnails)
     tiles.py    the mosaic map: one representative thumbnail per grid tile
     build.py    one call per command (``make_map``, ``make_mosaic``)
+    overlay.py  a slide's stored detections drawn on its image (label, prediction, attention)
+    captions.py text wrapped to a pixel width, for montage captions and legends
 
 matplotlib and umap-learn come with ``pip install 'cytostore[viz]'``; they load on first use.
 """
