@@ -73,7 +73,7 @@ def _make_store(path: Path) -> Path:
     labels = sorted({r["label"] for r in rows})
     centres = {lab: 1.5 * rng.standard_normal(DIM) for lab in labels}
     shifts = {s: 0.6 * rng.standard_normal(DIM) for s in FIELDS}
-    CellStore.create(path).append(TABLE, _rows(rows, 0, rng, centres, shifts))
+    append_rows(CellStore.create(path), TABLE, _rows(rows, 0, rng, centres, shifts))
     return path
 
 
