@@ -9,6 +9,7 @@ import typer
 
 from cli.browse import register as register_browse
 from cli.common import DEBUG, report_unexpected
+from cli.evaluate import evaluate_cmd
 from cli.export import export_app
 from cli.fewshot import fewshot_app
 from cli.info import encoders_cmd, info_cmd
@@ -52,6 +53,7 @@ def _root(
 app.command("ingest")(ingest_cmd)
 app.command("info")(info_cmd)
 app.command("encoders")(encoders_cmd)
+app.command("evaluate")(evaluate_cmd)
 app.add_typer(mil_app, name="mil")
 app.add_typer(fewshot_app, name="fewshot")
 app.add_typer(store_app, name="store")
