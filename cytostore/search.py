@@ -9,7 +9,6 @@ cells match.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from cytostore.errors import InputError, ProvenanceError, StoreError
 from cytostore.index import (BoundIndex, as_store, faiss_module, load_index, prepare, raw_search, rebuild_command,
                              schema_provenance, update_command)
 from cytostore.keys import cell_uid
+from cytostore.search_montage import montage, montage_size  # noqa: F401  (re-exported: cytostore.search.montage)
 from cytostore.store import CellStore
 
 EXACT_SUBSET = 20_000  # a filter matching at most this many cells is searched exactly
@@ -357,59 +357,3 @@ def search(store: CellStore | str | Path, slide_id: str | None = None, cell_id: 
         return res.to_polars()
     meta = {"query": res.query, "index": res.index, "notes": res.notes}
     return res.table.replace_schema_metadata({b"cytostore.search": json.dumps(meta, default=str).encode()})
-
-
-# -- montage ------------------------------------------------------------------------
-MONTAGE_PAD, MONTAGE_LINE, MONTAGE_LINES = 4, 11, 4
-
-
-def montage_size(n_tiles: int, tile: int = 96, columns: int = 6) -> tuple[int, int]:
-    """(width, height) in pixels of a contact sheet of ``n_tiles`` tiles."""
-    cols = max(1, min(columns, n_tiles))
-    rows = math.ceil(n_tiles / cols)
-    return cols * (tile + 2 * MONTAGE_PAD), rows * (tile + 2 * MONTAGE_PAD + MONTAGE_LINE * MONTAGE_LINES)
-
-
-def montage(result: SearchResult, out: str | Path, tile: int = 96, columns: int = 6) -> Path:
-    """Writes a PNG contact sheet: the query, then each neighbour with slide, cell, label and score.
-
-    ``result`` must come from `run_search(..., thumbnails=True)`.
-    """
-    from PIL import Image, ImageDraw, ImageFont
-
-    from cytostore.imaging import decode_thumbnail
-
-    if "thumbnail" not in result.table.column_names:
-        raise InputError("montage needs thumbnails: run the search with thumbnails=True")
-    q = result.query
-    tiles = [(result.query_pixels, ["QUERY", str(q.get("slide_id", q.get("image", q["mode"]))),
-                                    str(q.get("cell_id", "")), str(q.get("label") or "") if "label" in q else ""])]
-    for r in result.table.to_pylist():
-        tiles.append((decode_thumbnail(r["thumbnail"]),
-                      [f"#{r['rank']}  {r['score']:.3f}", str(r["slide_id"]), str(r["cell_id"]), str(r.get("label") or "")]))
-    w, h = montage_size(len(tiles), tile, columns)
-    sheet = Image.new("RGB", (w, h), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    cols = max(1, min(columns, len(tiles)))
-    cell_w, cell_h = w // cols, h // math.ceil(len(tiles) / cols)
-    max_chars = max(4, cell_w // 6)
-    for j, (pix, lines) in enumerate(tiles):
-        x0, y0 = (j % cols) * cell_w + MONTAGE_PAD, (j // cols) * cell_h + MONTAGE_PAD
-        if pix is None:
-            im = Image.new("RGB", (tile, tile), (200, 200, 200))
-        else:
-            im = Image.fromarray(np.asarray(pix, dtype=np.uint8)).resize((tile, tile), Image.BICUBIC)
-        sheet.paste(im, (x0, y0))
-        if j == 0:
-            draw.rectangle([x0 - 2, y0 - 2, x0 + tile + 1, y0 + tile + 1], outline=(200, 30, 30), width=2)
-        for n, text in enumerate(lines):
-            draw.text((x0, y0 + tile + 2 + n * MONTAGE_LINE), text[:max_chars], fill=(0, 0, 0), font=font)
-    out = Path(out)
-    if out.parent and not out.parent.exists():
-        raise InputError(f"--montage {out}: folder {out.parent} does not exist")
-    try:
-        sheet.save(out, format="PNG")
-    except (OSError, ValueError) as e:
-        raise InputError(f"--montage {out}: cannot write the PNG ({e})") from e
-    return out
