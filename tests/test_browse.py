@@ -81,15 +81,15 @@ def test_cluster_writes_a_prediction_set_maps_can_colour_by(store, tmp_path):
     assert r["cells"] == len(pred) == s.count() == 360
     sizes = [r["sizes"][f"c{j}"] for j in range(4)]
     assert sizes == sorted(sizes, reverse=True) and sum(sizes) == 360  # c0 is the largest
-    assert Counter(p["label"] for p in pred) == Counter(r["sizes"])
+    assert Counter(p["prediction"] for p in pred) == Counter(r["sizes"])
     for p in pred:
-        assert p["nearest"] == p["label"] != p["runner_up"] and p["prototypes_version"] == -1
+        assert p["nearest"] == p["prediction"] != p["runner_up"] and p["prototypes_version"] == -1
         assert -1.0 <= p["score"] <= 1.0 and p["margin"] >= 0
     # The score is the cosine to the cluster's centre: the normalised mean of its cells is close to it.
     emb, keys = s.embeddings()
     x = emb.astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    lab = {p["uid"]: p["label"] for p in pred}
+    lab = {p["uid"]: p["prediction"] for p in pred}
     score = {p["uid"]: p["score"] for p in pred}
     labels = np.array([lab[u] for u in keys.column("uid").to_pylist()])
     for c in r["sizes"]:
@@ -102,8 +102,8 @@ def test_cluster_writes_a_prediction_set_maps_can_colour_by(store, tmp_path):
     assert r["adjusted_rand_index"] > 0.2
     # Same seed, same clusters; `map --color-by prediction:km` resolves the set.
     again = _json(runner.invoke(app, ["cluster", "--store", str(store), "--name", "km", "--k", "4", "--json", "-q"]))
-    assert again["sizes"] == r["sizes"] and [p["label"] for p in read_predictions(store, "km").to_pylist()] == \
-        [p["label"] for p in pred]
+    assert again["sizes"] == r["sizes"] and [p["prediction"] for p in read_predictions(store, "km").to_pylist()] == \
+        [p["prediction"] for p in pred]
     assert resolve_color(s, "prediction:km").prediction == "km"
 
 
@@ -121,7 +121,7 @@ def test_cluster_map_colours_by_the_clusters(store, tmp_path):
     assert (tmp_path / "map.png").is_file() and r["points"] == 360 and r["categories"] == 3
     data = load_map_data(store, "prediction:km", params=UmapParams(fit_sample=360, seed=0))
     assert data.umap_meta["reused"] and sorted(data.categories) == ["c0", "c1", "c2"]
-    cluster = {p["uid"]: p["label"] for p in read_predictions(store, "km").to_pylist()}
+    cluster = {p["uid"]: p["prediction"] for p in read_predictions(store, "km").to_pylist()}
     assert [data.categories[v] for v in data.values] == [cluster[u] for u in data.uid.tolist()]
 
     out = _json(runner.invoke(app, ["export", "anndata", "--store", str(store), "--out", str(tmp_path / "a.h5ad"),

@@ -146,8 +146,8 @@ def test_geojson_predictions_classify_and_measure(store, tmp_path):
     assert len(feats) == len(pred)
     for f in feats:
         p = pred[int(f["properties"]["metadata"]["uid"])]
-        assert f["properties"]["classification"]["name"] == p["label"]
-        assert f["properties"]["classification"]["color"] == r["classes"][p["label"]]
+        assert f["properties"]["classification"]["name"] == p["prediction"]
+        assert f["properties"]["classification"]["color"] == r["classes"][p["prediction"]]
         m = f["properties"]["measurements"]
         assert m["score"] == pytest.approx(p["score"]) and m["margin"] == pytest.approx(p["margin"])
         assert f["properties"]["metadata"]["label"]  # the stored label stays beside the prediction
@@ -288,12 +288,12 @@ def test_duckdb_sql_over_the_store(store):
     assert {"cells", "cells_efficientnet_lite0", "predictions_km"} <= set(names)
     assert "embedding" not in names["cells"] and "thumbnail" not in names["cells"]
     got = con.execute("""
-        SELECT c.slide_id, c.label, p.label AS cluster, count(*) AS n
+        SELECT c.slide_id, c.label, p.prediction AS cluster, count(*) AS n
         FROM cells c JOIN predictions_km p USING (uid)
         WHERE c.x > 100
         GROUP BY ALL""").fetchall()
     cells = s.cells(columns=["uid", "slide_id", "label", "x"]).to_pylist()
-    cluster = {p["uid"]: p["label"] for p in read_predictions(store, "km").to_pylist()}
+    cluster = {p["uid"]: p["prediction"] for p in read_predictions(store, "km").to_pylist()}
     want = Counter((c["slide_id"], c["label"], cluster[c["uid"]]) for c in cells if c["x"] > 100)
     assert {(a, b, c): n for a, b, c, n in got} == dict(want)
     assert con.execute("SELECT count(*) FROM cells").fetchone()[0] == 360
