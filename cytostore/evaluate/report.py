@@ -107,3 +107,15 @@ def png(report: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def summary(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One compact row per table (the evaluation column of ``encoders list``): the headline figures,
+    the cells and groups they were measured on, and the table version evaluated."""
+    key = _fewshot_key(report)
+    return {name: {"fewshot": t[key]["accuracy"], "fewshot_ci95": t[key].get("ci95"),
+                   "probe_accuracy": t["linear_probe"]["accuracy"], "probe_macro_f1": t["linear_probe"]["macro_f1"],
+                   "knn_accuracy": t["knn"]["accuracy"], "precision_at_10": t.get("precision_at_10"),
+                   "slide_of_origin": t["slide_of_origin"], "n_cells": t["n_cells"], "n_groups": t["n_groups"],
+                   "table_version": t["table_version"], "label": report["label"], "group": report["group"]}
+            for name, t in report["tables"].items()}
