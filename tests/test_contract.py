@@ -91,3 +91,18 @@ def test_layout_refuses_names_that_escape_the_store(tmp_path):
     for bad in ["../x", "a/b", "", ".hidden", "x" * 101]:
         with pytest.raises(StoreError):
             layout.uri(str(tmp_path), "predictions", bad)
+
+
+def test_cells_as_polars_and_store_opened_by_uri(small_store):
+    import numpy as np
+    import polars as pl
+
+    s = CellStore.open(small_store)
+    df = s.frame(columns=["uid", "slide_id", "label", "embedding"], where="slide_id = 'chula-1'")
+    emb, keys = s.embeddings(where="slide_id = 'chula-1'")
+    assert isinstance(df, pl.DataFrame) and df.height == len(emb)
+    assert df["uid"].to_list() == keys.column("uid").to_pylist()
+    assert np.allclose(df["embedding"].to_numpy(), emb.astype(np.float32))
+    # The object-store code path (listing through Arrow's file systems), on a file:// URI.
+    by_uri = CellStore.open(Path(small_store).resolve().as_uri())
+    assert by_uri.tables() == s.tables() and by_uri.count() == s.count()

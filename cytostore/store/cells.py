@@ -80,9 +80,13 @@ class CellStore:
 
     def _table_names(self) -> list[str]:
         if _is_uri(self.root):
-            import lancedb
+            # Object stores have no folders: list the ``*.lance`` prefixes through Arrow's file systems.
+            from pyarrow import fs as pafs
 
-            return sorted(lancedb.connect(self.root).table_names())
+            filesystem, base = pafs.FileSystem.from_uri(self.root)
+            infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
+            return sorted(i.base_name[: -len(".lance")] for i in infos
+                          if i.base_name.endswith(".lance") and i.type == pafs.FileType.Directory)
         # A folder without _versions holds only uncommitted fragments (a killed first Ray ingest).
         return sorted(p.name[: -len(".lance")] for p in Path(self.root).glob("*.lance") if (p / "_versions").is_dir())
 
@@ -90,8 +94,9 @@ class CellStore:
         """Names of the committed tables of ``kind`` (cells, prototypes, predictions, umap, index)."""
         if _is_uri(self.root):
             pre, suf = layout.kind(kind).pattern.split("{name}")
-            return sorted(n[len(pre):len(n) - len(suf) + len(".lance")] for n in
-                          (t + ".lance" for t in self._table_names()) if n.startswith(pre) and n.endswith(suf))
+            full = [t + ".lance" for t in self._table_names()]
+            return sorted(n[len(pre):len(n) - len(suf)] for n in full
+                          if n.startswith(pre) and n.endswith(suf) and len(n) > len(pre) + len(suf))
         return layout.names(self.root, kind)
 
     def tables(self) -> list[str]:
@@ -176,6 +181,21 @@ class CellStore:
             if where:
                 raise StoreError(f"cannot apply filter {where!r}: {e}") from e
             raise
+
+    def frame(self, columns: Sequence[str] | None = None, where: str | None = None, encoder: str | None = None):
+        """Cells as a polars DataFrame (same arguments as ``cells``).
+
+        A float16 ``embedding`` becomes a float32 ``Array`` column (polars has no float16).
+        """
+        import polars as pl
+
+        table = self.cells(columns=columns, where=where, encoder=encoder)
+        if "embedding" in table.column_names:
+            typ = table.schema.field("embedding").type
+            if typ.value_type == pa.float16():
+                i = table.column_names.index("embedding")
+                table = table.set_column(i, "embedding", table.column(i).cast(pa.list_(pa.float32(), typ.list_size)))
+        return pl.from_arrow(table)
 
     def embeddings(self, encoder: str | None = None, where: str | None = None,
                    columns: Sequence[str] = ("uid", "slide_id", "cell_id")) -> tuple[np.ndarray, pa.Table]:
