@@ -45,6 +45,23 @@ def write_manifest(rows: list[dict], path: Path) -> Path:
     return path
 
 
+TINY = "test_efficientnet"  # a small timm architecture: fast on the CPU
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A random checkpoint of the tiny architecture, written once."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model(TINY, num_classes=0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
 # Three fields of the sample: 360 real cells in 8 classes.
 SMALL_FIELDS = ["chula-1", "chula-27", "chula-255"]
 

@@ -16,10 +16,9 @@ from cytostore import CellStore, IngestConfig, ingest, open_source
 from cytostore.keys import (COLLISION, DUPLICATE, NEW, RUN_COLLISION, STORED, KeySet, UidSet, cell_key_hash,
                             cell_uid, key_hashes)
 
-from conftest import sample_rows, write_manifest
+from conftest import TINY, sample_rows, write_manifest
 
 runner = CliRunner()
-TINY = "test_efficientnet"
 
 
 def test_key_hash_is_stable_and_independent_of_the_uid(monkeypatch):
@@ -82,19 +81,6 @@ def test_key_set_matches_a_dict_over_many_claims():
 def tiny_uids(monkeypatch):
     """uids of 4 bits (16 values): a manifest of a few dozen cells collides many times."""
     monkeypatch.setattr(keys, "UID_BITS", 4)
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = timm.create_model(TINY, num_classes=0)
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
 
 
 def _config(weights: Path) -> IngestConfig:

@@ -20,25 +20,10 @@ from cytostore.sources import SourceOptions
 from cytostore.store import schema
 from cytostore.store.provenance import check_compatible, derive_identity, identity_of, identity_sha256
 
-from conftest import REPO, SAMPLE, sample_rows, write_manifest
+from conftest import REPO, SAMPLE, TINY, sample_rows, write_manifest
 
 runner = CliRunner()
 STORE_V1 = REPO / "tests" / "data" / "store-v1"
-TINY = "test_efficientnet"  # a small timm architecture: fast on the CPU
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    """A random checkpoint of the tiny architecture, written once."""
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = timm.create_model(TINY, num_classes=0)
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
 
 
 def _manifest(tmp_path: Path, name: str, rows: list[dict]) -> Path:
