@@ -196,3 +196,35 @@ def test_injected_duplicate_groups_are_merged(dup_store):
     thumbs_only = evaluate(dup_store, config=EvalConfig(**{**cfg.to_dict(), "hash_images": False}))
     # thumbnails alone find the whole copy, not the copy with other cells annotated
     assert thumbs_only["duplicates"]["groups_after"] == 6
+
+
+def test_tables_are_compared_on_the_cells_they_share(small_store, tmp_path):
+    """A second table holding 300 of the 360 cells, with random embeddings: both are scored on
+    those 300 cells, the same folds and episodes. (The three fields hold mostly different
+    classes, so cross-field label figures are near zero for both; the slide signal is not.)"""
+    import pyarrow as pa
+
+    from cytostore import CellStore
+    from cytostore.evaluate.report import markdown, summary, text
+    from cytostore.store.writer import append_rows
+
+    path = tmp_path / "store"
+    shutil.copytree(small_store, path)
+    s = CellStore.open(path)
+    rows = s.dataset("efficientnet_lite0").to_table().slice(30, 300)
+    dim = rows.schema.field("embedding").type.list_size
+    noise = np.random.default_rng(0).standard_normal((rows.num_rows, dim)).astype(np.float16)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(noise.ravel()), dim)
+    append_rows(s, "noise", rows.set_column(rows.schema.get_field_index("embedding"), "embedding", emb))
+    out = evaluate(path, config=EvalConfig(folds=3, ways=2, shots=2, queries=3, episodes=20))
+    assert list(out["tables"]) == ["efficientnet_lite0", "noise"] and out["n_cells"] == 300
+    real, rand = out["tables"]["efficientnet_lite0"], out["tables"]["noise"]
+    assert real["n_cells"] == rand["n_cells"] == 300
+    assert real["linear_probe"]["folds"] == rand["linear_probe"]["folds"] == 3
+    assert real["slide_of_origin"] > rand["slide_of_origin"]  # noise carries no slide signal
+    assert real["fewshot_2way2shot"]["episodes"] == rand["fewshot_2way2shot"]["episodes"]
+    rows_ = summary(out)
+    assert set(rows_) == {"efficientnet_lite0", "noise"} and rows_["noise"]["n_cells"] == 300
+    assert "noise" in text(out) and sum(ln.startswith("| ") for ln in markdown(out).splitlines()) == 3
+    only = evaluate(path, ["noise"], EvalConfig(folds=3, ways=2, shots=2, queries=3, episodes=5))
+    assert list(only["tables"]) == ["noise"]

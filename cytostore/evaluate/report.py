@@ -90,7 +90,7 @@ def png(report: dict[str, Any], path: str | Path) -> Path:
                ("k-NN acc", lambda t: t["knn"]["accuracy"]),
                ("few-shot", lambda t: t[key]["accuracy"]),
                ("P@10", lambda t: t.get("precision_at_10")),
-               ("slide of origin", lambda t: t["slide_of_origin"])]
+               ("slide of origin\n(lower is better)", lambda t: t["slide_of_origin"])]
     names = list(report["tables"])
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(metrics), 3.6))
     width = 0.8 / max(len(names), 1)
