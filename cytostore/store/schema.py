@@ -2,6 +2,12 @@
 
 Every Arrow schema cytostore writes is derived here from those JSON files, so
 the layout is defined once.
+
+The definitions stay hand-written JSON rather than LanceDB ``LanceModel`` classes:
+a cell table's embedding width and dtype are chosen per table at run time (by the
+encoder and ``--float32``), extra manifest columns are appended per source, each
+layout carries a version and per-column docs that non-Python tools (DuckDB users,
+the docs) read as they are, and the files ship as package data with no import.
 """
 
 from __future__ import annotations
