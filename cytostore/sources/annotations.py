@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Iterator
@@ -86,14 +88,18 @@ class VocSource:
         return ImageTask(image=str(image), slide_id=slide_id, cells=cells, source_ref=str(xml))
 
 
+def _points(geom: dict[str, Any]) -> list[tuple[float, float]]:
+    coords = geom.get("coordinates")
+    if geom.get("type") == "Point":
+        return [(float(coords[0]), float(coords[1]))]
+    return [(float(c[0]), float(c[1])) for c in coords]
+
+
 def _geometry_box(geom: dict[str, Any]) -> tuple[float, float, tuple[float, float, float, float] | None]:
     kind = geom.get("type")
     coords = geom.get("coordinates")
     if kind == "Point":
         return float(coords[0]), float(coords[1]), None
-    if kind == "MultiPoint":
-        xs, ys = zip(*[(float(c[0]), float(c[1])) for c in coords])
-        return sum(xs) / len(xs), sum(ys) / len(ys), None
     if kind in {"Polygon", "MultiPolygon"}:
         rings = [coords[0]] if kind == "Polygon" else [p[0] for p in coords]
         pts = [(float(c[0]), float(c[1])) for ring in rings for c in ring]
@@ -110,28 +116,114 @@ def _geometry_box(geom: dict[str, Any]) -> tuple[float, float, tuple[float, floa
         if abs(a_tot) < 1e-9:
             return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box
         return cx / (3 * a_tot), cy / (3 * a_tot), box
-    raise InputError(f"geometry type {kind!r} is not a point or polygon")
+    raise InputError(f"geometry type {kind!r} is not a point, multipoint or polygon")
+
+
+def _outer_rings(geom: dict[str, Any]) -> list[list[tuple[float, float]]]:
+    """Outer rings of a (Multi)Polygon annotation; [] for other geometries."""
+    kind, coords = geom.get("type"), geom.get("coordinates") or []
+    polys = [coords] if kind == "Polygon" else coords if kind == "MultiPolygon" else []
+    return [[(float(c[0]), float(c[1])) for c in p[0]] for p in polys if p]
+
+
+def _inside(x: float, y: float, ring: list[tuple[float, float]]) -> bool:
+    """Even-odd ray casting: is (x, y) inside the closed ring?"""
+    inside = False
+    for (x0, y0), (x1, y1) in zip(ring, ring[1:] + ring[:1]):
+        if (y0 > y) != (y1 > y) and x < x0 + (y - y0) * (x1 - x0) / (y1 - y0):
+            inside = not inside
+    return inside
+
+
+MEASUREMENT_PREFIX = "m_"
+
+
+def measurement_column(name: str) -> str:
+    """Column name of a QuPath measurement: ``m_`` + the name in lower case, runs of
+    other characters than letters, digits and ``_`` made one ``_`` ("Area µm^2" -> m_area_m_2)."""
+    text = re.sub(r"[^0-9a-zA-Z_]+", "_", str(name).strip()).strip("_").lower()
+    return MEASUREMENT_PREFIX + (text or "unnamed")
+
+
+def measurements(props: dict[str, Any]) -> dict[str, float | None]:
+    """``properties.measurements`` (a dict, or QuPath's older list of {name, value})
+    as {column: float}; values that are not numbers become None."""
+    raw = props.get("measurements")
+    if isinstance(raw, list):
+        raw = {m.get("name"): m.get("value") for m in raw if isinstance(m, dict) and m.get("name") is not None}
+    if not isinstance(raw, dict):
+        return {}
+    out: dict[str, float | None] = {}
+    for name, value in raw.items():
+        try:
+            num = float(value)
+        except (TypeError, ValueError):
+            num = None
+        out[measurement_column(name)] = num if num is None or math.isfinite(num) else None
+    return out
+
+
+def _features(path: Path) -> list[Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"not valid JSON ({e})") from e
+    if isinstance(data, dict) and data.get("type") == "Feature":
+        return [data]
+    return data.get("features", []) if isinstance(data, dict) else data
+
+
+def _is_region(feat: Any) -> bool:
+    """An annotation with an area (a ROI): a region, never a cell. QuPath's Points tool
+    also makes annotations, of Point/MultiPoint geometry: those are cells."""
+    props = feat.get("properties") if isinstance(feat, dict) else None
+    geom = feat.get("geometry") if isinstance(feat, dict) else None
+    return (isinstance(props, dict) and str(props.get("objectType", "")).lower() == "annotation"
+            and not (isinstance(geom, dict) and geom.get("type") in {"Point", "MultiPoint"}))
 
 
 class GeoJsonSource:
-    """QuPath GeoJSON exports: points or polygons (centroid and bounding box used).
+    """QuPath GeoJSON exports: detections, cells and points become cells.
 
-    The image is the file with the GeoJSON's stem beside it (a slide or an image);
-    the label is ``properties.classification.name``; the cell id is the feature's
-    ``id`` when it has one, else derived from the position.
+    A Point is one cell; a MultiPoint (QuPath's Points tool) is one cell per point;
+    a (Multi)Polygon is one cell at its centroid with its bounding box. Annotations
+    (``properties.objectType`` ``annotation``) with an area are regions, never cells; with
+    ``within_annotations`` only cells inside an annotation polygon are kept. The label
+    is ``properties.classification.name``; ``properties.measurements`` become float
+    columns named by ``measurement_column``. The image is the file with the GeoJSON's
+    stem beside it (a slide or an image); the cell id is the feature's ``id`` when it
+    has one (``<id>#<k>`` for the k-th point of a MultiPoint), else derived from the position.
     """
 
-    extra_schema = pa.schema([])
     shard_index, shard_count = 0, 1
 
-    def __init__(self, root: str | Path, options: SourceOptions = SourceOptions(), image: str | Path | None = None):
+    def __init__(self, root: str | Path, options: SourceOptions = SourceOptions(), image: str | Path | None = None,
+                 within_annotations: bool = False):
         self.root = absolute(root)
         self.options = options
         self.image = absolute(image) if image else None
+        self.within_annotations = within_annotations
         self.files = [self.root] if self.root.is_file() else sorted(
             p for p in self.root.rglob("*") if p.suffix.lower() in {".geojson", ".json"})
         if not self.files:
             raise InputError(f"{self.root}: no .geojson files found")
+        self._extra: pa.Schema | None = None
+
+    @property
+    def extra_schema(self) -> pa.Schema:
+        """Float columns of every measurement name of the cells of every file (read once)."""
+        if self._extra is None:
+            names: dict[str, None] = {}
+            for path in self.files:
+                try:
+                    feats = _features(path)
+                except (InputError, OSError):
+                    continue  # reported as a failure when the file is read for its cells
+                for feat in feats:
+                    if isinstance(feat, dict) and not _is_region(feat):
+                        names.update(dict.fromkeys(measurements(feat.get("properties") or {})))
+            self._extra = pa.schema([pa.field(n, pa.float64()) for n in names])
+        return self._extra
 
     def shard(self, index: int, count: int) -> GeoJsonSource | None:
         """Files index, index+count, ...; None for one file, whose tasks are shared out instead."""
@@ -148,32 +240,59 @@ class GeoJsonSource:
         image = self.image or _find_image(path.stem, [path.parent], SLIDE_SUFFIXES | IMAGE_SUFFIXES)
         if image is None:
             raise InputError(f"no image or slide named {path.stem}.* beside it; put it there or pass --image")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"not valid JSON ({e})") from e
-        features = data.get("features", []) if isinstance(data, dict) else data
-        if isinstance(data, dict) and data.get("type") == "Feature":
-            features = [data]
+        features = _features(path)
         slide_id = safe_slide_id(self.options.slide_id or image.stem, str(path))
+        regions = [r for f in features if _is_region(f) and isinstance(f.get("geometry"), dict)
+                   for r in _outer_rings(f["geometry"])]
+        if self.within_annotations and not regions:
+            raise InputError("no annotation polygon to keep cells inside; draw one in QuPath or drop "
+                             "--within-annotations")
         cells, seen = [], set()
         for k, feat in enumerate(features):
             where = f"{path}#feature{k}"
+            if _is_region(feat):
+                continue  # a region (e.g. a whole-image ROI), never a cell
             try:
-                if not isinstance(feat, dict) or not isinstance(feat.get("geometry"), dict):
-                    raise InputError("feature has no geometry")
-                x, y, box = _geometry_box(feat["geometry"])
-                props = feat.get("properties") or {}
-                cls = props.get("classification") or {}
-                label = cls.get("name") if isinstance(cls, dict) else None
-                cid = feat.get("id") or props.get("id") or (box_cell_id(box) if box else f"{int(round(x))}_{int(round(y))}")
-                cid = check_id(cid, "cell_id")
-            except (InputError, TypeError, ValueError, IndexError) as e:
+                found = self._cells(feat)
+            except (InputError, TypeError, ValueError, IndexError, AttributeError) as e:
                 yield SourceFailure(where, f"{e}; fix or remove the feature", slide_id=slide_id)
                 continue
-            if cid in seen:
-                yield SourceFailure(where, f"duplicate cell id {cid!r}; the first was kept", slide_id=slide_id, cell_id=cid)
-                continue
-            seen.add(cid)
-            cells.append(CellRecord(slide_id=slide_id, cell_id=cid, x=x, y=y, box=box, label=label, source_ref=where))
+            for j, (cid, x, y, box, label, extra) in enumerate(found):
+                at = f"{where}.point{j}" if len(found) > 1 else where
+                if self.within_annotations and not any(_inside(x, y, r) for r in regions):
+                    continue
+                try:
+                    cid = check_id(cid, "cell_id")
+                except InputError as e:
+                    yield SourceFailure(at, f"{e}; fix or remove the feature", slide_id=slide_id)
+                    continue
+                if cid in seen:
+                    yield SourceFailure(at, f"duplicate cell id {cid!r}; the first was kept", slide_id=slide_id,
+                                        cell_id=cid)
+                    continue
+                seen.add(cid)
+                cells.append(CellRecord(slide_id=slide_id, cell_id=cid, x=x, y=y, box=box, label=label,
+                                        source_ref=at, extra=extra))
         yield ImageTask(image=str(image), slide_id=slide_id, cells=cells, source_ref=str(path))
+
+    @staticmethod
+    def _cells(feat: Any) -> list[tuple[str, float, float, tuple[float, float, float, float] | None, str | None,
+                                        dict[str, Any]]]:
+        """(cell id, x, y, box, label, measurements) of each cell of one feature."""
+        if not isinstance(feat, dict) or not isinstance(feat.get("geometry"), dict):
+            raise InputError("feature has no geometry")
+        geom = feat["geometry"]
+        props = feat.get("properties") or {}
+        cls = props.get("classification") or {}
+        label = cls.get("name") if isinstance(cls, dict) else None
+        extra = measurements(props)
+        fid = feat.get("id") or props.get("id")
+        if geom.get("type") == "MultiPoint":
+            pts = _points(geom)
+            if not pts:
+                raise InputError("MultiPoint has no points")
+            return [(f"{fid}#{j}" if fid else f"{int(round(x))}_{int(round(y))}", x, y, None, label, dict(extra))
+                    for j, (x, y) in enumerate(pts)]
+        x, y, box = _geometry_box(geom)
+        cid = fid or (box_cell_id(box) if box else f"{int(round(x))}_{int(round(y))}")
+        return [(cid, x, y, box, label, extra)]
