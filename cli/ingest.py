@@ -9,8 +9,10 @@ import typer
 
 from cli.common import Progress, QuietOpt, emit_json, handle_errors
 from cytostore.imaging import CropPolicy
-from cytostore.ingest import IngestConfig, ingest
-from cytostore.sources import FORMATS, SourceOptions, open_source
+from cytostore.errors import InputError
+from cytostore.ingest import IngestConfig, IngestInterrupted, ingest
+from cytostore.sources import (FORMATS, CropFolderSource, FieldFolderSource, GeoJsonSource, SourceOptions,
+                               detect_format, open_source)
 
 
 def ingest_cmd(
@@ -29,10 +31,13 @@ def ingest_cmd(
     float32: Annotated[bool, typer.Option("--float32", help="Store embeddings as float32 (default float16).")] = False,
     slide_id: Annotated[Optional[str], typer.Option(help="Slide id for every cell (folders of crops).")] = None,
     labels_from_folders: Annotated[bool, typer.Option(help="Parent folder = cell label (crops) or slide label (fields).")] = False,
+    slide_from: Annotated[str, typer.Option(help="Folders: where slide ids come from. Crops: auto (--slide-id, else the parent folder; the root folder with --labels-from-folders), parent (folder above the crop, not the label folder), path (relative folder path, parts joined by ~), root, fixed (--slide-id). Fields: auto (--slide-id or file stem), stem, path (relative path without suffix).")] = "auto",
+    slide_prefix: Annotated[str, typer.Option(help="Folders: put before every slide id (e.g. scope2-, when every field is 1.jpg).")] = "",
     image: Annotated[Optional[Path], typer.Option(help="Image or slide a single GeoJSON file belongs to.")] = None,
+    within_annotations: Annotated[bool, typer.Option(help="GeoJSON: keep only cells inside an annotation polygon (a QuPath region).")] = False,
     min_diameter: Annotated[float, typer.Option(help="Detector: smallest cell diameter in pixels (0 = from the image).")] = 0.0,
     max_diameter: Annotated[float, typer.Option(help="Detector: largest cell diameter in pixels (0 = from the image).")] = 0.0,
-    engine: Annotated[str, typer.Option(help="local (this process) or ray (a Ray Data pipeline; needs the [scale] extra).")] = "local",
+    engine: Annotated[str, typer.Option(help="local (this process) or ray (a Ray Data pipeline; needs the \\[scale] extra).")] = "local",
     address: Annotated[Optional[str], typer.Option(help="--engine ray: the Ray cluster to join (default: start a local one).")] = None,
     gpus_per_worker: Annotated[float, typer.Option(help="--engine ray: GPU share per encoder actor (0 = one GPU each when the cluster has GPUs).")] = 0.0,
     commit_rows: Annotated[int, typer.Option(help="Commit once this many cells are pending (0 = 65,536).")] = 0,
@@ -49,7 +54,7 @@ def ingest_cmd(
 
             detector = DetectorParams(min_diameter=min_diameter, max_diameter=max_diameter)
         options = SourceOptions(slide_id=slide_id, labels_from_folders=labels_from_folders, detector=detector)
-        src = open_source(source, fmt, options, image=image)
+        src = _open(source, fmt, options, image, slide_from, slide_prefix, within_annotations)
         config = IngestConfig(
             encoder=encoder, weights=str(weights) if weights else None, table=table,
             crop=CropPolicy(crop_size=crop_size, box_margin=box_margin), detector=detector, device=device,
@@ -68,7 +73,15 @@ def ingest_cmd(
                 bar.update(cells if total_cells else images, added=report.cells_added,
                            skipped=report.cells_skipped, failed=report.cells_failed)
 
-            report = ingest(src, store, config, progress=on_progress)
+            try:
+                report = ingest(src, store, config, progress=on_progress)
+            except IngestInterrupted as e:
+                r = e.report
+                bar.close(added=r.cells_added, skipped=r.cells_skipped, failed=r.cells_failed)
+                typer.echo(f"interrupted: {r.cells_added} cells added in this run are kept in table {r.table} "
+                           f"({r.cells_failed} failures recorded); run the same command again to resume "
+                           "(stored cells are skipped)", err=True)
+                raise typer.Exit(130) from None
             bar.close(added=report.cells_added, skipped=report.cells_skipped, failed=report.cells_failed)
     if as_json:
         emit_json(report.to_dict())
@@ -86,3 +99,22 @@ def ingest_cmd(
             typer.echo(f"  {report.cells_failed} failures are recorded; see `cytostore info --store {store}`")
     if report.cells_failed:
         raise typer.Exit(1)
+
+
+def _open(source: Path, fmt: str | None, options: SourceOptions, image: Path | None, slide_from: str,
+          slide_prefix: str, within_annotations: bool):
+    """The source, with the options that only some formats take."""
+    kind = fmt or detect_format(source)
+    if kind == "crops":
+        return CropFolderSource(source, options, slide_from=slide_from, slide_prefix=slide_prefix)
+    if kind in {"fields", "slides"}:
+        return FieldFolderSource(source, options, slides=kind == "slides", slide_from=slide_from,
+                                 slide_prefix=slide_prefix)
+    if slide_from != "auto" or slide_prefix:
+        raise InputError(f"--slide-from and --slide-prefix are for folders of crops, fields or slides, not {kind}; "
+                         "a manifest names its slides in its slide_id column")
+    if kind == "geojson":
+        return GeoJsonSource(source, options, image=image, within_annotations=within_annotations)
+    if within_annotations:
+        raise InputError(f"--within-annotations is for GeoJSON sources, not {kind}")
+    return open_source(source, kind, options, image=image)

@@ -141,3 +141,69 @@ def test_uids_are_stable_and_distinct():
     uids = {cell_uid(f"s{i}", f"{j}") for i in range(50) for j in range(50)}
     assert len(uids) == 2500 and min(uids) >= 0 and max(uids) < 2**63
     assert np.int64(cell_uid("a", "b")) >= 0
+
+
+def _crop_tree(root):
+    # scope/<slide>/<label>/1.jpg: a microscope names every file 1.jpg.
+    for rel in ["slideA/normal/1.jpg", "slideA/ovalocyte/1.jpg", "slideB/normal/1.jpg", "slideB/normal/2.jpg"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (24, 24), (200, 100, 100)).save(root / rel)
+    return root
+
+
+def _slides(src):
+    tasks, fails = _split(list(src))
+    assert not fails
+    return sorted((t.slide_id, t.cells[0].cell_id, t.cells[0].label) for t in tasks)
+
+
+def test_crop_folder_slide_ids_from_parent_path_root_fixed_and_prefix(tmp_path):
+    from cytostore.sources import CropFolderSource
+
+    root = _crop_tree(tmp_path / "scope")
+    labelled = SourceOptions(labels_from_folders=True)
+    # Default, as before: the root's name with labels, the parent folder without.
+    assert {s for s, _, _ in _slides(CropFolderSource(root, labelled))} == {"scope"}
+    assert {s for s, _, _ in _slides(CropFolderSource(root))} == {"normal", "ovalocyte"}
+    # parent: the folder above the label folder (the same slides with or without labels as slide layout).
+    got = _slides(CropFolderSource(root, labelled, slide_from="parent", slide_prefix="s2-"))
+    assert got == [("s2-slideA", "slideA~normal~1", "normal"), ("s2-slideA", "slideA~ovalocyte~1", "ovalocyte"),
+                   ("s2-slideB", "slideB~normal~1", "normal"), ("s2-slideB", "slideB~normal~2", "normal")]
+    assert {s for s, _, _ in _slides(CropFolderSource(root, slide_from="path"))} == {
+        "slideA~normal", "slideA~ovalocyte", "slideB~normal"}
+    assert {s for s, _, _ in _slides(CropFolderSource(root, labelled, slide_from="path"))} == {"slideA", "slideB"}
+    assert {s for s, _, _ in _slides(CropFolderSource(root, slide_from="root", slide_prefix="x-"))} == {"x-scope"}
+    fixed = SourceOptions(slide_id="run7", labels_from_folders=True)
+    assert {s for s, _, _ in _slides(CropFolderSource(root, fixed, slide_from="fixed"))} == {"run7"}
+    with pytest.raises(InputError, match="needs --slide-id"):
+        CropFolderSource(root, slide_from="fixed")
+    with pytest.raises(InputError, match="pass one of them"):
+        CropFolderSource(root, fixed, slide_from="parent")
+    with pytest.raises(InputError, match="not one of"):
+        CropFolderSource(root, slide_from="stem")
+
+
+def test_field_folder_slide_ids_from_relative_path(tmp_path):
+    from cytostore.sources import FieldFolderSource
+
+    for rel in ["day1/1.jpg", "day2/1.jpg"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / rel)
+    tasks, fails = _split(list(FieldFolderSource(tmp_path)))
+    assert len(tasks) == 1 and len(fails) == 1 and "--slide-from path" in fails[0].reason  # both are "1"
+    tasks, fails = _split(list(FieldFolderSource(tmp_path, slide_from="path", slide_prefix="scope-")))
+    assert not fails and sorted(t.slide_id for t in tasks) == ["scope-day1~1", "scope-day2~1"]
+
+
+def test_ingest_cli_options_and_help(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["ingest", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "needs the [scale] extra" in res.output
+    assert "--slide-from" in res.output and "--slide-prefix" in res.output and "--within-annotations" in res.output
+    res = runner.invoke(app, ["ingest", str(SAMPLE / "manifest.csv"), "--store", str(tmp_path / "s"),
+                              "--slide-prefix", "x-"])
+    assert res.exit_code == 2 and "not manifest" in res.output

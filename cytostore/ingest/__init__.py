@@ -2,7 +2,9 @@
 
 Rows go through the table's one writer (``cytostore.store.writer``), which commits
 them by size or time (one atomic Lance commit each), so a killed ingest loses at
-most the rows not yet committed; a re-run skips every cell already stored. Two
+most the rows not yet committed; a re-run skips every cell already stored. On
+KeyboardInterrupt (Ctrl-C) the rows already embedded are committed first and
+``IngestInterrupted`` is raised with the report. Two
 engines share the same stages (``stages``): ``local`` (this process) and ``ray``.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from cytostore.encoders import create_encoder
-from cytostore.errors import InputError
+from cytostore.errors import CytostoreError, InputError
 from cytostore.ingest.config import ENGINES, IngestConfig, IngestReport
 from cytostore.ingest.local import run_local
 from cytostore.ingest.provenance import detector_identity, make_provenance, resolve_compute, uses_detector
@@ -23,7 +25,20 @@ from cytostore.store import CellStore, schema, table_name_for
 from cytostore.store.writer import CellWriter, CommitPolicy
 from cytostore.store.provenance import check_compatible
 
-__all__ = ["ENGINES", "IngestConfig", "IngestReport", "ingest"]
+__all__ = ["ENGINES", "IngestConfig", "IngestInterrupted", "IngestReport", "ingest"]
+
+
+class IngestInterrupted(CytostoreError):
+    """The ingest was interrupted (Ctrl-C); what was embedded is committed.
+
+    Attributes:
+        report: the report up to the interruption (``cells_added`` = cells kept).
+    """
+
+    def __init__(self, report: IngestReport):
+        super().__init__(f"ingest into table {report.table!r} interrupted: {report.cells_added} cells added "
+                         "and kept; run the same command again to resume")
+        self.report = report
 
 
 def ingest(source, store_path: str | Path, config: IngestConfig = IngestConfig(),
@@ -38,6 +53,10 @@ def ingest(source, store_path: str | Path, config: IngestConfig = IngestConfig()
 
     Returns:
         The report; ``cells_failed`` > 0 means some inputs were recorded as failures.
+
+    Raises:
+        IngestInterrupted: on KeyboardInterrupt, after committing the cells already
+            embedded (and their failures) and releasing the writer lock.
     """
     if config.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {config.batch_size}")
@@ -74,6 +93,13 @@ def ingest(source, store_path: str | Path, config: IngestConfig = IngestConfig()
             run_ray(store, table, source, encoder, prov, config, report, progress, writer)
         else:
             run_local(store, table, source, encoder, prov, config, report, progress, writer)
+    except KeyboardInterrupt as e:
+        try:
+            writer.flush()  # the cells already embedded, and the failures met so far
+        finally:
+            writer.release()
+        report.seconds = round(time.perf_counter() - t0, 3)
+        raise IngestInterrupted(report) from e
     except BaseException:
         writer.abort()  # what was committed stays; a re-run skips it
         raise
