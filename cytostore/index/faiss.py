@@ -69,12 +69,26 @@ def faiss_module():
 
 
 # -- making and filling an index ----------------------------------------------------
+# PQ codebooks have at least 16 centroids (4 bits); FAISS k-means wants 39 training points per centroid.
+IVFPQ_MIN_ROWS = 39 * 2 ** 4
+
+
 def resolve_kind(kind: str, n: int, params: IndexParams = IndexParams()) -> str:
-    """``auto`` -> ``flat`` below ``params.exact_max`` cells, else ``ivf-pq``."""
+    """``auto`` -> ``flat`` below ``params.exact_max`` cells (or too few to train IVF-PQ), else ``ivf-pq``.
+
+    Raises:
+        InputError: ``ivf-pq`` asked for with fewer than ``IVFPQ_MIN_ROWS`` training vectors.
+    """
     if kind not in KINDS:
         raise InputError(f"unknown index kind {kind!r}; use one of {', '.join(KINDS)}")
+    n_train = min(n, params.train_size)
     if kind == "auto":
-        return "flat" if n < params.exact_max else "ivf-pq"
+        return "flat" if n < params.exact_max or n_train < IVFPQ_MIN_ROWS else "ivf-pq"
+    if kind == "ivf-pq" and n_train < IVFPQ_MIN_ROWS:
+        what = f"the table has {n} cells" if n < IVFPQ_MIN_ROWS else f"the training sample is {params.train_size}"
+        raise InputError(f"--kind ivf-pq needs at least {IVFPQ_MIN_ROWS} cells to train its codebooks (16 centroids "
+                         f"per PQ sub-quantizer, 39 points each) and {what}; use --kind flat (exact search, fast at "
+                         "this size) or --kind auto, which picks it")
     return kind
 
 
