@@ -207,3 +207,14 @@ def test_ingest_cli_options_and_help(tmp_path):
     res = runner.invoke(app, ["ingest", str(SAMPLE / "manifest.csv"), "--store", str(tmp_path / "s"),
                               "--slide-prefix", "x-"])
     assert res.exit_code == 2 and "not manifest" in res.output
+
+
+def test_folder_and_geojson_sources_know_their_image_count(tmp_path):
+    from cytostore.sources import CropFolderSource, FieldFolderSource, GeoJsonSource
+
+    root = _crop_tree(tmp_path / "scope")
+    assert CropFolderSource(root).n_images == 4 == len(list(CropFolderSource(root)))
+    assert FieldFolderSource(root, slide_from="path").n_images == 4
+    Image.new("RGB", (50, 50)).save(tmp_path / "f7.png")
+    (tmp_path / "f7.geojson").write_text('{"type": "Feature", "geometry": {"type": "Point", "coordinates": [9, 9]}}')
+    assert GeoJsonSource(tmp_path / "f7.geojson").n_images == 1

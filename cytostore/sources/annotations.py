@@ -225,6 +225,11 @@ class GeoJsonSource:
             self._extra = pa.schema([pa.field(n, pa.float64()) for n in names])
         return self._extra
 
+    @property
+    def n_images(self) -> int:
+        """Images (or slides) to read: one per GeoJSON file (the total shown by progress)."""
+        return len(self.files)
+
     def shard(self, index: int, count: int) -> GeoJsonSource | None:
         """Files index, index+count, ...; None for one file, whose tasks are shared out instead."""
         return shard_of(self, index, count) if len(self.files) > 1 else None

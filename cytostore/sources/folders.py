@@ -68,6 +68,11 @@ class CropFolderSource:
             return self.root.name
         return dirs[-1] if self.slide_from == "parent" else "~".join(dirs)
 
+    @property
+    def n_images(self) -> int:
+        """Crops to read (the total shown by progress; lists the folder)."""
+        return len(image_files(self.root, IMAGE_SUFFIXES))
+
     def shard(self, index: int, count: int) -> CropFolderSource:
         """Files index, index+count, ... of the sorted listing."""
         return shard_of(self, index, count)
@@ -114,6 +119,11 @@ class FieldFolderSource:
         self.suffixes = SLIDE_SUFFIXES if slides else IMAGE_SUFFIXES
         if not self.root.exists():
             raise InputError(f"{self.root}: no such file or folder")
+
+    @property
+    def n_images(self) -> int:
+        """Fields or slides to read (the total shown by progress; lists the folder)."""
+        return 1 if self.root.is_file() else len(image_files(self.root, self.suffixes))
 
     def shard(self, index: int, count: int) -> FieldFolderSource | None:
         """Fields index, index+count, ...; None for whole slides, whose tiles are shared out instead."""
