@@ -75,6 +75,32 @@ def test_commits_by_size_with_a_bounded_buffer(tmp_path):
     CellWriter(store, TABLE).release()  # released at close: a second writer gets the lock
 
 
+def test_an_interrupt_right_after_a_commit_never_commits_the_rows_twice(tmp_path, monkeypatch):
+    store = CellStore.create(tmp_path / "s")
+    w = CellWriter(store, TABLE, CommitPolicy(commit_rows=50, commit_seconds=1e9), clock=FakeClock())
+    real_write = lance.write_dataset
+    fired = []
+
+    def write_then_interrupt(*args, **kwargs):
+        out = real_write(*args, **kwargs)
+        if kwargs.get("mode") == "append" and not fired:
+            fired.append(True)
+            raise KeyboardInterrupt  # Ctrl-C lands after Lance committed, before the writer moved on
+        return out
+
+    monkeypatch.setattr(lance, "write_dataset", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        w.append(rows(0, 60))  # 60 >= 50: commits inside append
+    w.flush()  # what an interrupted ingest does next: commit what is still pending
+    w.append(rows(60, 5))  # and the writer still works afterwards
+    w.close()
+    uids = store.cells(columns=["uid"]).column("uid").to_numpy()
+    assert len(uids) == len(np.unique(uids)), "rows committed twice"
+    # The committed 50 are kept; rows the interrupt caught before their commit are simply not
+    # stored (a re-run embeds them again), never stored twice.
+    assert set(range(50)) | set(range(60, 65)) <= set(uids.tolist()) <= set(range(65))
+
+
 def test_commits_by_time_with_an_injected_clock(tmp_path):
     store = CellStore.create(tmp_path / "s")
     clock = FakeClock()

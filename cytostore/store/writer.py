@@ -220,18 +220,20 @@ class CellWriter:
     def _commit_pending(self) -> int:
         import lance
 
-        n = self._pending
-        if self._rows:
+        # The buffers are emptied before the commit, not after: an interrupt (Ctrl-C) landing
+        # between Lance's commit and the clean-up would otherwise make the next flush commit
+        # the same rows again. Rows lost by an interrupt before the commit are simply not
+        # stored, and a re-run embeds them.
+        n, rows, fragments = self._pending, self._rows, self._fragments
+        self._rows, self._fragments, self._pending = [], [], 0
+        if rows:
             self._create_if_absent()
-            data = pa.concat_tables(self._rows) if len(self._rows) > 1 else self._rows[0]
+            data = pa.concat_tables(rows) if len(rows) > 1 else rows[0]
             lance.write_dataset(data, self.uri, mode="append", max_rows_per_file=MAX_ROWS_PER_FILE)
-        elif self._fragments:
+        elif fragments:
             self._create_if_absent()
-            lance.LanceDataset.commit(self.uri, lance.LanceOperation.Append(list(self._fragments)),
+            lance.LanceDataset.commit(self.uri, lance.LanceOperation.Append(list(fragments)),
                                       read_version=self._dataset().version)
-        self._rows.clear()
-        self._fragments.clear()
-        self._pending = 0
         self._last_commit = self.clock()
         if n:
             self.commits += 1
