@@ -61,6 +61,7 @@ def ingest_cmd(
             precision=precision, batch_size=batch_size, workers=workers,
             embedding_dtype="float32" if float32 else "float16", engine=engine, ray_address=address,
             gpus_per_worker=gpus_per_worker, commit_rows=commit_rows, commit_seconds=commit_seconds,
+            wait_for_lock=wait,
         )
         total_cells = len(src) if hasattr(src, "__len__") else None
         total_images = getattr(src, "n_images", None)

@@ -103,3 +103,22 @@ def test_worker_processes_give_the_same_cells_and_embeddings(small_store, tmp_pa
     order = np.argsort(keys.column("uid").to_numpy())
     assert np.array_equal(got_uid, keys.column("uid").to_numpy()[order])
     assert np.array_equal(got, np.asarray(emb)[order])
+
+
+def test_cli_wait_reaches_the_writer_lock(small_store, small_manifest, tmp_path, monkeypatch):
+    import shutil
+
+    path = tmp_path / "store"
+    shutil.copytree(small_store, path)
+    seen = []
+    real = WriterLock.acquire
+
+    def recording(self, wait=False, *args, **kwargs):
+        if self.path.stem.startswith("cells."):
+            seen.append(wait)
+        return real(self, wait, *args, **kwargs)
+
+    monkeypatch.setattr(WriterLock, "acquire", recording)
+    res = runner.invoke(app, ["ingest", str(small_manifest), "--store", str(path), "--wait", "--json"])
+    assert res.exit_code == 0, res.output
+    assert seen == [True]
