@@ -245,7 +245,7 @@ def run_search(store: CellStore | str | Path, slide_id: str | None = None, cell_
         uid = cell_uid(str(slide_id), str(cell_id))
         if not bound.contains(np.array([uid]))[0]:
             raise InputError(f"no cell {cell_id!r} on slide {slide_id!r} in table {bound.table!r}; check the ids "
-                             f"with `cytostore info --store {store.root}` or store.cells(where=\"slide_id = {_sql(slide_id)}\")")
+                             f"with `cytostore cells --store {store.root} --slide {slide_id}`")
         cols = ["uid", "slide_id", "cell_id", "label"] + (["thumbnail"] if thumbnails else [])
         row = bound.rows(np.array([uid]), cols).to_pylist()[0]
         if thumbnails:
