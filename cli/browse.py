@@ -6,7 +6,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from cli.common import emit_json, handle_errors
+from cli.common import echo_rows, emit_json, handle_errors
 from cli.export import JsonOption, QuietOption, StoreOption, TableOption, progress
 
 
@@ -49,11 +49,7 @@ def cells_cmd(
     if as_json:
         emit_json({"slide_id": slide, "cells": total, "shown": len(rows), "columns": t.column_names, "rows": rows})
         return
-    typer.echo("\t".join(t.column_names))
-    for r in rows:
-        typer.echo("\t".join("" if v is None else str(v) for v in r.values()))
-    if len(rows) < total:
-        typer.echo(f"showing {len(rows)} of {total} cells of {slide}; --limit 0 shows all", err=True)
+    echo_rows(t.column_names, rows, total, f"cells of {slide}")
 
 
 def cluster_cmd(

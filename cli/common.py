@@ -40,6 +40,15 @@ def emit_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, default=str, sort_keys=False))
 
 
+def echo_rows(columns: list[str], rows: list[dict[str, Any]], total: int, what: str) -> None:
+    """Prints rows as tab-separated text under a header; says on stderr when ``rows`` is a part of ``total``."""
+    typer.echo("\t".join(columns))
+    for r in rows:
+        typer.echo("\t".join("" if v is None else str(v) for v in r.values()))
+    if len(rows) < total:
+        typer.echo(f"showing {len(rows)} of {total} {what}; --limit 0 shows all", err=True)
+
+
 def fail(err: Exception, code: int = EXIT_USAGE) -> NoReturn:
     """Prints a cytostore error to standard error and exits."""
     typer.echo(f"error: {err}", err=True)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import emit_json, handle_errors, print_score
+from cli.common import echo_rows, emit_json, handle_errors, print_score
 from cytostore.errors import InputError
 
 fewshot_app = typer.Typer(
@@ -131,11 +131,7 @@ def show_cmd(
     if as_json:
         emit_json({"name": name, "slide": slide, "cells": total, "shown": len(records), "rows": records})
         return
-    typer.echo("\t".join(rows.column_names))
-    for r in records:
-        typer.echo("\t".join("" if v is None else str(v) for v in r.values()))
-    if len(records) < total:
-        typer.echo(f"showing {len(records)} of {total} predicted cells; --limit 0 shows all", err=True)
+    echo_rows(rows.column_names, records, total, "predicted cells")
 
 
 def _ways(value: str) -> int:
