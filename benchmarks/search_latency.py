@@ -109,11 +109,10 @@ def _lance_table(store, db, table: str) -> float:
 def run_paths(args) -> None:
     """Scale mode: one ivf-pq index searched by the library path and the file path, beside FAISS flat."""
     import os
-    import pickle
     import time
 
     import faiss
-    from search_scale import FileBound, Generator, VectorFile, batches, log, make_db, normalised, recall
+    from search_scale import FileBound, VectorFile, batches, load_generator, log, make_db, normalised, recall
 
     from cytostore import CellStore
     from cytostore.index import IndexParams, build_index, load_index
@@ -124,14 +123,7 @@ def run_paths(args) -> None:
     real = np.asarray(CellStore.open(args.store).embeddings()[0])
     perm = np.random.default_rng(args.seed).permutation(len(real))
     real_q, real_db = real[perm[: args.queries]], real[perm[args.queries:]]
-    cache = work / f"generator-{len(real)}-{args.queries}-{args.seed}.pkl"
-    if cache.is_file():
-        with open(cache, "rb") as fh:
-            gen = pickle.load(fh)
-    else:
-        gen = Generator(real_db, args.seed)
-        with open(cache, "wb") as fh:
-            pickle.dump(gen, fh)
+    gen, _ = load_generator(work, len(real), real_db, args.queries, args.seed)
     path = work / f"db_{args.n}.f16.npy"
     db = VectorFile(path) if path.is_file() else None
     if db is None or db.nbytes != args.n * real.shape[1] * 2:

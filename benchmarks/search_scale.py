@@ -97,6 +97,22 @@ class Generator:
         return np.maximum(x, 0).astype(np.float16)
 
 
+def load_generator(workdir: Path, n_real: int, real_db: np.ndarray, queries: int, seed: int,
+                   refit: bool = False) -> tuple["Generator", bool]:
+    """The generator fitted on ``real_db``, reused from ``workdir`` when fitted before; (generator, reused).
+
+    The fit takes minutes: it is cached for the same real cells, held-out split and seed.
+    """
+    cache = workdir / f"generator-{n_real}-{queries}-{seed}.pkl"
+    if cache.is_file() and not refit:
+        with open(cache, "rb") as fh:
+            return pickle.load(fh), True
+    gen = Generator(real_db, seed)
+    with open(cache, "wb") as fh:
+        pickle.dump(gen, fh)
+    return gen, False
+
+
 def normalised(x: np.ndarray) -> np.ndarray:
     from cytostore.index import prepare
 
@@ -345,16 +361,7 @@ def main() -> None:
     log(f"{len(real)} real {real.shape[1]}-d embeddings from {args.store}: {len(real_q)} held-out queries, "
         f"{len(real_db)} in the database")
     t0 = time.perf_counter()
-    # The fit takes minutes: reuse it for the same real cells, held-out split and seed.
-    cache = workdir / f"generator-{len(real)}-{args.queries}-{args.seed}.pkl"
-    cached = cache.is_file() and not args.refit
-    if cached:
-        with open(cache, "rb") as fh:
-            gen = pickle.load(fh)
-    else:
-        gen = Generator(real_db, args.seed)
-        with open(cache, "wb") as fh:
-            pickle.dump(gen, fh)
+    gen, cached = load_generator(workdir, len(real), real_db, args.queries, args.seed, refit=args.refit)
     fit = {"pca_dims": DIM_PCA, "explained_variance": round(gen.explained, 4), "gmm_components": GMM_K,
            "fit_s": round(time.perf_counter() - t0, 1), "cached": cached, **realism(real_q, real_db, gen.sample(len(real_db)))}
     log(f"generator: {fit}")
