@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch/torchvision first, pinned to the builds this machine's pip serves from disk.
 	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/python -m pip install -q -e ".[dev,viz,lite12,scale,export]"
+	$(BIN)/python -m pip install -q -e ".[dev,viz,lite12,scale,export,cpu,adapt]"
 	touch $(STAMP)
 
 setup: $(STAMP)
