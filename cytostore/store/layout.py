@@ -49,6 +49,8 @@ KINDS: dict[str, TableKind] = {k.kind: k for k in (
               "it was built from is pinned until the next build", lance=False),
     TableKind("lock", ".locks/{name}.lock", None,
               "advisory writer locks; they die with their process", lance=False),
+    TableKind("encoder", "encoders/{name}", None, "a copy of trained encoder {name} (model.safetensors, config.json); written once by `encoders train`", lance=False),
+    TableKind("evaluation", "evaluations/{name}.json", None, "the latest `cytostore evaluate` figures of cell table {name}; rewritten by each evaluate", lance=False),
 )}
 
 
