@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from cytostore.errors import InputError, StoreError
 from cytostore.store import CellStore, embedding_matrix
+from cytostore.store.filters import check_where
 
 METHODS = ("kmeans",)
 NOT_FROM_PROTOTYPES = -1  # prototypes_version of a clustering's rows
@@ -93,6 +94,7 @@ def cluster(store: CellStore | str | Path, name: str, k: int = 8, method: str = 
     if s.has("prototypes", name):
         raise InputError(f"{name!r} is a few-shot prototype set in {s.root}: its predictions are its own; "
                          "pick another --name for the clusters")
+    where = check_where(where) or None
     table = s.resolve(encoder)
     ds = s.dataset(table)  # one version throughout
     try:

@@ -22,6 +22,7 @@ from cytostore.index import (BoundIndex, as_store, faiss_module, load_index, pre
 from cytostore.keys import cell_uid
 from cytostore.search_montage import montage, montage_size  # noqa: F401  (re-exported: cytostore.search.montage)
 from cytostore.store import CellStore
+from cytostore.store.filters import check_where
 
 EXACT_SUBSET = 20_000  # a filter matching at most this many cells is searched exactly
 EXACT_MAX_UNINDEXED = 200_000  # most rows searched exactly without an index
@@ -229,6 +230,7 @@ def run_search(store: CellStore | str | Path, slide_id: str | None = None, cell_
         raise InputError("--x/--y locate a cell inside --image; they mean nothing for another query")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise InputError(f"-k must be a positive whole number, got {k!r}")
+    where = check_where(where) or None
     store = as_store(store)
     bound = load_index(store, encoder, device=device)
     if bound.index is None and bound.count > EXACT_MAX_UNINDEXED:

@@ -19,6 +19,7 @@ import pyarrow as pa
 from cytostore.errors import InputError, StoreError
 from cytostore.export._common import HEAVY, as_store, need, written_whole
 from cytostore.store import CellStore, embedding_matrix, schema
+from cytostore.store.filters import check_where
 
 CATEGORICAL = ("slide_id", "label", "slide_label")
 
@@ -76,6 +77,7 @@ def export_anndata(store: CellStore | str | Path, out: str | Path, encoder: str 
     """
     ad = need("anndata", "export anndata")
     s = as_store(store)
+    where = check_where(where) or None
     table = s.resolve(encoder)
     ds = s.dataset(table)  # one version: obs, embeddings and the map check all read it
     columns = [n for n in ds.schema.names if n not in HEAVY]

@@ -16,6 +16,7 @@ import numpy as np
 
 from cytostore.errors import StoreError
 from cytostore.store import CellStore, embedding_matrix
+from cytostore.store.filters import check_where
 
 DEFAULT_CACHE_BYTES = 2 * 1024**3  # bags are cached in RAM when their stored bytes fit under this
 READ_BATCH = 8192  # rows per Lance batch when a bag is streamed
@@ -66,7 +67,7 @@ class BagSet:
     def __init__(self, store: CellStore, table: str, slide_ids: Sequence[str], where: str | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.slide_ids = list(slide_ids)
-        self.where = where
+        self.where = check_where(where) or None
         self._ds = store.dataset(table)  # one version for the whole run
         self.table = table
         emb_type = self._ds.schema.field("embedding").type

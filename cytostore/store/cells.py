@@ -15,6 +15,7 @@ import pyarrow as pa
 from cytostore.errors import StoreError
 from cytostore.keys import KeySet, UidSet, key_hashes
 from cytostore.store import layout, schema
+from cytostore.store.filters import check_where
 from cytostore.store.layout import MARKER, is_uri as _is_uri
 
 CELLS_PREFIX = "cells."
@@ -157,7 +158,7 @@ class CellStore:
     # -- reading ---------------------------------------------------------------
     def count(self, encoder: str | None = None, where: str | None = None) -> int:
         """Number of cells in a table (matching ``where`` when given)."""
-        return self.dataset(encoder).count_rows(filter=where)
+        return self.dataset(encoder).count_rows(filter=check_where(where) or None)
 
     def cells(self, columns: Sequence[str] | None = None, where: str | None = None,
               encoder: str | None = None) -> pa.Table:
@@ -169,6 +170,7 @@ class CellStore:
             where: SQL filter, e.g. ``"label = 'spherocyte' AND slide_id != '12'"``.
             encoder: which encoder table; default the only (or default) one.
         """
+        where = check_where(where) or None
         ds = self.dataset(encoder)
         if columns is None:
             columns = [n for n in ds.schema.names if n not in {"embedding", "thumbnail"}]

@@ -15,9 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cytostore.errors import StoreError
+from cytostore.errors import InputError, StoreError
 from cytostore.store import layout, pins, schema
 from cytostore.store.cells import CELLS_PREFIX, CellStore, folder_bytes, live_bytes
+from cytostore.store.filters import check_where
 from cytostore.store.lock import WriterLock
 from cytostore.store.writer import GRACE, CellWriter, CommitPolicy, cleanup, compact
 
@@ -173,6 +174,8 @@ def delete_cells(store: CellStore, where: str, encoder: str | None = None,
         Per table: cells deleted, the new version, and the derived artefacts now stale
         (index, umap, prediction sets holding deleted cells). Nothing is rebuilt.
     """
+    if not check_where(where):
+        raise InputError("give a filter of the cells to delete (--where SQL or --slide ID)")
     names = [store.resolve(encoder)] if encoder else store.tables()
     if not names:
         raise StoreError(f"store {store.root} holds no cell tables; nothing to delete")

@@ -24,6 +24,7 @@ import pyarrow as pa
 from cytostore.errors import StoreError
 from cytostore.store import layout, schema
 from cytostore.store.cells import CELLS_PREFIX, TABLE_ID_KEY, CellStore, conform
+from cytostore.store.filters import check_where
 from cytostore.store.lock import WriterLock
 
 # Cleanup spares unpinned versions younger than this. Readers never lock: a search,
@@ -200,6 +201,9 @@ class CellWriter:
 
     def delete(self, where: str) -> int:
         """Deletes the rows matching ``where`` in one commit; returns how many."""
+        check_where(where)
+        if not where:
+            raise StoreError(f"an empty filter would delete every row of table {self.table!r}; give a condition")
         self._commit_pending()
         if not self.exists():
             return 0
