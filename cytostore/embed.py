@@ -262,6 +262,9 @@ def _identity(item: dict[str, Any]) -> dict[str, Any]:
     return item
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 def resolve_device(device: str = "auto") -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
     import torch
@@ -275,29 +278,87 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def check_precision(precision: str) -> str:
+    """``precision`` when it is one cytostore knows; InputError naming the accepted ones otherwise."""
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def resolve_runtime(runtime: str, device: str, precision: str, table_runtime: str | None = None) -> str:
+    """The runtime an Embedder will use: ``torch``, ``onnx`` or ``openvino``.
+
+    ``auto``: PyTorch on a GPU or for bf16/fp16; on a CPU the runtime that made the
+    table when the table exists and that runtime is installed (so re-runs and resumes
+    stay bit-identical), else the first importable of ``runtime.AUTO_ORDER`` (whose
+    tolerance the ingest then checks, falling back to torch). An explicit runtime that
+    is not installed is an InputError naming ``pip install 'cytostore[cpu]'``.
+    """
+    from cytostore.encoders import runtime as rt
+
+    if runtime not in rt.RUNTIMES:
+        raise InputError(f"unknown runtime {runtime!r}; use one of {', '.join(rt.RUNTIMES)}")
+    check_precision(precision)
+    on_gpu = resolve_device(device).startswith("cuda")
+    if runtime == "auto":
+        if on_gpu or precision in ("bf16", "fp16"):
+            return "torch"
+        name = rt.runtime_name(table_runtime)
+        if name is not None and rt.available(name):
+            return name
+        return next(n for n in rt.AUTO_ORDER if n == "torch" or rt.available(n))
+    if runtime != "torch":
+        if on_gpu:
+            raise InputError(f"--runtime {runtime} runs on the CPU; use --device cpu, or --runtime torch on the GPU")
+        if precision in ("bf16", "fp16"):
+            raise InputError(f"--runtime {runtime} runs in fp32; use --precision fp32/auto, or --runtime torch "
+                             f"for {precision}")
+        rt.require(runtime)
+    return runtime
+
+
 class Embedder:
     """Runs an encoder on fixed-size batches of uint8 crops.
 
     Every batch is padded to ``batch_size`` so each cell's embedding is computed
     with the same shapes whatever cells share its batch: a resumed ingest then
-    reproduces an uninterrupted one exactly.
+    reproduces an uninterrupted one exactly (within one runtime). ``runtime`` is
+    ``torch`` (eager PyTorch: channels-last, autocast on GPUs), ``onnx`` (ONNX Runtime
+    on the CPU), ``openvino`` (OpenVINO on the CPU, reading the same ONNX graph) or
+    ``auto`` (see ``resolve_runtime``); ``threads`` = intra-op threads (0: the cores
+    available; torch keeps its own setting unless given).
     """
 
-    def __init__(self, encoder: Encoder, device: str = "auto", batch_size: int = 64, precision: str = "auto"):
+    def __init__(self, encoder: Encoder, device: str = "auto", batch_size: int = 64, precision: str = "auto",
+                 runtime: str = "auto", threads: int = 0):
         import torch
+
+        from cytostore.encoders import runtime as rt
 
         self.encoder = encoder
         self.device = torch.device(resolve_device(device))
         self.batch_size = batch_size
+        self.runtime = resolve_runtime(runtime, device, precision)
+        self.threads = rt.threads_for(threads)
         cuda = self.device.type == "cuda"
-        if precision == "auto":
+        if check_precision(precision) == "auto":
             precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
         self.precision = precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        if cuda:
-            torch.backends.cudnn.benchmark = False
-        # channels-last is faster on GPUs and for the depthwise convolutions of CPUs too.
-        self.model = encoder.model.to(self.device).eval().to(memory_format=torch.channels_last)
+        self.check: dict | None = None  # the runtime's tolerance against PyTorch (None for torch)
+        if self.runtime == "torch":
+            if cuda:
+                torch.backends.cudnn.benchmark = False
+            elif threads:
+                torch.set_num_threads(threads)
+            # channels-last is faster on GPUs and for the depthwise convolutions of CPUs too.
+            self.model = encoder.model.to(self.device).eval().to(memory_format=torch.channels_last)
+            self.session = None
+        else:
+            export = rt.ensure_export(encoder, batch_size)
+            self.check = rt.tolerance(self.runtime, export, encoder, threads)
+            self.session = rt.make_session(self.runtime, export.path, threads)
+            self.model = None
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(encoder.mean, device=self.device).view(shape)
         self.std = torch.tensor(encoder.std, device=self.device).view(shape)
@@ -318,14 +379,18 @@ class Embedder:
         self.staging.zero_()
         self.staging[:n] = torch.from_numpy(pixels)
         x = self.staging.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            if self.autocast_dtype is not None:
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                    out = self.model(x)
-            else:
-                out = self.model(x)
-        out = out[:n].float()
+        x = (x - self.mean) / self.std
+        if self.session is not None:
+            out = self.session(x.contiguous())[:n]
+        else:
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                if self.autocast_dtype is not None:
+                    with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                        y = self.model(x)
+                else:
+                    y = self.model(x)
+            out = y[:n].float().cpu().numpy()
         if out.shape[1] != self.encoder.dim:
             raise CytostoreError(f"encoder {self.encoder.name} gave {out.shape[1]} features, expected {self.encoder.dim}")
-        return out.cpu().numpy()
+        return out

@@ -16,11 +16,12 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from cytostore.encoders import create_encoder
+from cytostore.encoders.lazy import encoder_identity
 from cytostore.errors import CytostoreError, InputError
 from cytostore.ingest.config import ENGINES, IngestConfig, IngestReport
 from cytostore.ingest.local import run_local
-from cytostore.ingest.provenance import detector_identity, make_provenance, resolve_compute, uses_detector
+from cytostore.ingest.provenance import (choose_runtime, detector_identity, make_provenance, resolve_compute,
+                                        uses_detector)
 from cytostore.store import CellStore, schema, table_name_for
 from cytostore.store.writer import CellWriter, CommitPolicy
 from cytostore.store.provenance import check_compatible
@@ -72,12 +73,17 @@ def ingest(source, store_path: str | Path, config: IngestConfig = IngestConfig()
         raise InputError(f"embedding dtype must be float16 or float32, got {config.embedding_dtype!r}")
     t0 = time.perf_counter()
     store = CellStore.create(store_path)
-    encoder = create_encoder(config.encoder, config.weights)
+    # The model is built only when a cell needs embedding (the identity comes from a digest cache).
+    encoder = encoder_identity(config.encoder, config.weights, config.input_size)
     table = table_name_for(config.table or encoder.name)
-    prov = make_provenance(encoder, config.crop, config.embedding_dtype, compute=_compute(config),
-                           detector=detector_identity(config.detector) if uses_detector(source) else None)
+    device = _device(config)
+    config, check, notes = choose_runtime(config, encoder, device,
+                                          store.provenance(table) if store.has_table(table) else None)
+    prov = make_provenance(encoder, config.crop, config.embedding_dtype, compute=_compute(config, device),
+                           detector=detector_identity(config.detector) if uses_detector(source) else None,
+                           runtime_check=check)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    report = IngestReport(store=store.root, table=table, run_id=run_id)
+    report = IngestReport(store=store.root, table=table, run_id=run_id, notes=notes)
     writer = CellWriter(store, table, commit_policy(config), wait=config.wait_for_lock)
     if writer.lock is None:
         report.notes.append("object-store URI: no writer lock; run one ingest per table at a time")
@@ -109,14 +115,22 @@ def ingest(source, store_path: str | Path, config: IngestConfig = IngestConfig()
     return report
 
 
-def _compute(config: IngestConfig) -> dict[str, str]:
-    # Device kind and precision the encoder will really run in (Ray: what its actors get).
+def _device(config: IngestConfig) -> str:
+    # The device the encoder will really run on (Ray: what its actors get).
     if config.engine == "ray":
         from cytostore.ingest.ray import plan_cluster, start_ray
 
-        device = plan_cluster(start_ray(config.ray_address), config).device
-        return resolve_compute(device, config.precision, local=False)
-    return resolve_compute(config.device, config.precision)
+        return plan_cluster(start_ray(config.ray_address), config).device
+    from cytostore.embed import resolve_device
+
+    return resolve_device(config.device)
+
+
+def _compute(config: IngestConfig, device: str) -> dict[str, str]:
+    # Device kind, precision and runtime the encoder will really run in.
+    if config.engine == "ray":
+        return resolve_compute(device, config.precision, local=False, runtime=config.runtime)
+    return resolve_compute(config.device, config.precision, runtime=config.runtime)
 
 
 def commit_policy(config: IngestConfig) -> CommitPolicy:

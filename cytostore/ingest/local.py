@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from cytostore.embed import CropSpec, Embedder, make_loader
 from cytostore.ingest.config import IngestConfig, IngestReport
-from cytostore.ingest.stages import FailureLog, clear_resolved_failures, failed_cells, to_arrow
+from cytostore.ingest.stages import EmbeddingGuard, FailureLog, clear_resolved_failures, failed_cells, to_arrow
 from cytostore.store import CellStore, schema
 from cytostore.store.writer import CellWriter
 
@@ -25,6 +25,7 @@ def run_local(store: CellStore, table: str, source, encoder, prov: dict, config:
                                                 extra=extra_schema, metadata=prov))
     fails = FailureLog(store, table, report)
     writer.on_commit(lambda rows: _committed(report, fails, rows))
+    guard = EmbeddingGuard(fails, config.embedding_dtype, encoder.name)  # NaN/inf/float16 overflow: not stored
     slides: set[str] = set()
     meta: list[dict[str, Any]] = []
     pixels: list[np.ndarray] = []
@@ -34,8 +35,8 @@ def run_local(store: CellStore, table: str, source, encoder, prov: dict, config:
         while meta and (len(meta) >= config.batch_size or final):
             take = min(config.batch_size, len(meta))
             batch_px = np.concatenate(pixels) if len(pixels) > 1 else pixels[0]
-            emb = embedder(batch_px[:take])
-            writer.append(to_arrow(meta[:take], emb, target, report.run_id))
+            kept, emb = guard.check(meta[:take], embedder(batch_px[:take]))
+            writer.append(to_arrow(kept, emb, target, report.run_id))
             del meta[:take]
             rest = batch_px[take:]
             pixels.clear()

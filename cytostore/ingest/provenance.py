@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cytostore.embed import PRECISIONS  # re-exported: the ingest's validation names them
 from cytostore.encoders.registry import Encoder
 from cytostore.errors import InputError
 from cytostore.imaging import THUMBNAIL_SIZE, CropPolicy
@@ -15,19 +16,22 @@ from cytostore.store import schema
 from cytostore.store.provenance import (CROP_RULE, OUTSIDE_IMAGE, build_identity, identity_sha256,
                                         library_versions)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-RUNTIME = "torch"  # the only runtime today; ONNX or OpenVINO would give other numbers
 
-
-def resolve_compute(device: str = "auto", precision: str = "auto", *, local: bool = True) -> dict[str, str]:
-    """The device kind and precision the encoder will run in, resolved as ``cytostore.embed.Embedder`` does.
+def resolve_compute(device: str = "auto", precision: str = "auto", *, local: bool = True,
+                    runtime: str = "torch") -> dict[str, str]:
+    """The device kind, precision and runtime the encoder will run in, resolved as
+    ``cytostore.embed.Embedder`` does.
 
     Args:
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         precision: ``auto`` (bf16, or fp16 on GPUs without bf16; fp32 on the CPU), ``fp32``, ``bf16``, ``fp16``.
         local: the encoder runs in this process (checks the GPU is there); False for Ray
             workers, whose GPUs the driver may not see.
+        runtime: the resolved runtime (``torch``, ``onnx``, ``openvino``; see
+            ``cytostore.embed.resolve_runtime``); the identity holds its name and version family.
     """
+    from cytostore.encoders.runtime import runtime_identity
+
     import torch
 
     if precision not in PRECISIONS:
@@ -49,7 +53,7 @@ def resolve_compute(device: str = "auto", precision: str = "auto", *, local: boo
         else:
             # A Ray driver without a GPU cannot ask its workers' GPUs; every GPU since Ampere has bf16.
             precision = "bf16"
-    return {"device": kind, "precision": precision, "runtime": RUNTIME}
+    return {"device": kind, "precision": precision, "runtime": runtime_identity(runtime)}
 
 
 def uses_detector(source) -> bool:
@@ -67,7 +71,8 @@ def detector_identity(params) -> dict[str, Any]:
 
 
 def make_provenance(encoder: Encoder, policy: CropPolicy, embedding_dtype: str, *,
-                    compute: dict[str, str] | None = None, detector: dict[str, Any] | None = None) -> dict[str, Any]:
+                    compute: dict[str, str] | None = None, detector: dict[str, Any] | None = None,
+                    runtime_check: dict[str, Any] | None = None) -> dict[str, Any]:
     """The full provenance record of a cell table.
 
     Args:
@@ -76,6 +81,8 @@ def make_provenance(encoder: Encoder, policy: CropPolicy, embedding_dtype: str, 
         embedding_dtype: stored dtype.
         compute: ``resolve_compute(...)``; default: what ``auto`` resolves to here.
         detector: ``detector_identity(params)`` when the run detects cells, else None.
+        runtime_check: the tolerance of a runtime other than PyTorch (``runtime.tolerance``),
+            recorded so that rows of another runtime may join later (see ``store.provenance``).
     """
     compute = compute or resolve_compute()
     identity = build_identity(
@@ -85,7 +92,7 @@ def make_provenance(encoder: Encoder, policy: CropPolicy, embedding_dtype: str, 
          "mean": [float(v) for v in encoder.mean], "std": [float(v) for v in encoder.std]},
         embedding_dtype, compute, detector,
     )
-    return {
+    record = {
         "schema": "cells",
         "schema_version": schema.version("cells"),
         "identity": identity,
@@ -104,3 +111,49 @@ def make_provenance(encoder: Encoder, policy: CropPolicy, embedding_dtype: str, 
         "embedding_dtype": embedding_dtype,
         "versions": library_versions(),
     }
+    if runtime_check is not None:
+        record["runtime_check"] = {k: v for k, v in runtime_check.items() if k not in ("threshold", "passed")}
+    return record
+
+
+def choose_runtime(config, encoder, device: str, stored: dict[str, Any] | None):
+    """The runtime an ingest uses, and the tolerance check its record keeps.
+
+    ``auto`` resolves as ``cytostore.embed.resolve_runtime`` (the table's own runtime
+    when the table exists). A runtime other than PyTorch is checked against PyTorch
+    (export, then tolerance, both cached) when it makes a new table or joins a table
+    of another runtime; an ``auto`` choice that fails its check (or does not export)
+    falls back to torch.
+
+    Returns:
+        (config with ``runtime`` resolved, the check or None, notes for the report).
+    """
+    import dataclasses
+
+    from cytostore.embed import resolve_runtime
+    from cytostore.encoders import runtime as rt
+    from cytostore.errors import EncoderError
+    from cytostore.store.provenance import identity_of
+
+    table_runtime = identity_of(stored)["compute"]["runtime"] if stored else None
+    if device.startswith("cuda"):
+        if config.runtime not in ("auto", "torch"):
+            raise InputError(f"--runtime {config.runtime} runs on the CPU; use --device cpu, or --runtime torch "
+                             "on the GPU")
+        name = "torch"
+    else:
+        name = resolve_runtime(config.runtime, "cpu", config.precision, table_runtime)
+    check, notes = None, []
+    if name != "torch" and rt.runtime_identity(name) != table_runtime:
+        try:
+            check = rt.tolerance(name, rt.ensure_export(encoder, config.batch_size), encoder, config.threads)
+        except EncoderError as e:
+            if config.runtime != "auto":
+                raise
+            notes.append(f"runtime {name} not used ({e}); PyTorch runs the encoder")
+            name = "torch"
+        if check is not None and not check["passed"] and config.runtime == "auto":
+            notes.append(f"runtime {name} not used: min cosine vs PyTorch {check['min_cosine']:.7f} is below "
+                         f"{check['threshold']}; PyTorch runs the encoder")
+            name, check = "torch", None
+    return dataclasses.replace(config, runtime=name), check, notes

@@ -34,7 +34,8 @@ from cytostore.store import schema
 from cytostore.embed import MAX_CELLS_PER_TASK, CropSpec, Embedder, plan_tasks, process_task
 from cytostore.errors import CytostoreError, InputError, ProvenanceError
 from cytostore.keys import UidSet
-from cytostore.ingest.stages import FailureLog, clear_resolved_failures, failed_cells, to_arrow
+from cytostore.ingest.stages import (EmbeddingGuard, FailureLog, clear_resolved_failures, drop_unstorable,
+                                     failed_cells, to_arrow)
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,8 @@ def _write_batch(batch: pa.Table, uri: str, target: pa.Schema, run_id: str) -> p
     from lance.fragment import write_fragments
 
     outs = [pickle.loads(p) for p in batch.column("payload").to_pylist()]
+    for o in outs:  # NaN/inf or float16 overflow: a failure (stage "embed"), never a stored row
+        o["embedding"] = drop_unstorable(o, o["embedding"], target.field("embedding").type.value_type)
     rows = [c for o in outs for c in o["cells"]]
     frags: list[str] = []
     if rows:
@@ -226,6 +229,7 @@ class _RayRun:
         self.images = 0
         self.commit_rows = writer.policy.commit_rows
         self.fails = FailureLog(store, writer.table, report)
+        self.guard = EmbeddingGuard(self.fails, config.embedding_dtype, config.encoder)
         writer.on_commit(self._committed)
 
     def wave(self, tasks: list[bytes]) -> None:
@@ -258,6 +262,7 @@ class _RayRun:
             frags = json.loads(batch.column("fragments")[0].as_py())
             summary = pickle.loads(batch.column("summary")[0].as_py())
             self.fails.add(summary["failures"], summary["failed_cells"])
+            self.guard.account_failures(batch.column("rows")[0].as_py(), summary["failures"])
             self.report.cells_skipped += summary["skipped"]
             self.slides.update(summary["slides"])
             self.images += summary["images"]

@@ -38,10 +38,14 @@ _LEGACY_PROSE = {
     "crop": ("square around the cell centre; side = crop_size, or the cell box plus margin when larger", CROP_RULE),
     "outside_image": ("edge pixels repeated (images); white (slides)", OUTSIDE_IMAGE),
 }
+# Least min cosine (vs PyTorch fp32, on the export's check batch) for rows of another runtime to join
+# a table: the float16 storage of the embeddings alone moves a row's cosine by ~1e-7.
+RUNTIME_MIN_COSINE = 0.9999
 PREPROCESSING_KEYS = ("crop_size", "box_margin", "crop_rule", "outside_image", "input_size", "interpolation", "mean",
                       "std")
 # Record keys that are the identity itself or the layout, not description.
-_NOT_DESCRIPTION = ("identity", "identity_sha256", "schema", "schema_version", "upgrades")
+_NOT_DESCRIPTION = ("identity", "identity_sha256", "schema", "schema_version", "upgrades", "runtime_joins",
+                     "runtime_check")
 
 
 def library_versions() -> dict[str, str]:
@@ -127,6 +131,10 @@ def check_compatible(table: str, stored: dict[str, Any], new: dict[str, Any]) ->
         raise ProvenanceError(f"table {table!r} has cells layout {have}, newer than this cytostore knows ({want}); "
                               "upgrade cytostore to append to it")
     diffs, merged = _compare(identity_of(stored), identity_of(new), "")
+    join = None
+    if diffs and all(d.startswith("compute.runtime:") for d in diffs):
+        join = _runtime_join(table, stored, new)  # ProvenanceError unless the tolerance passes
+        diffs = []
     if diffs:
         raise ProvenanceError(
             f"table {table!r} holds embeddings made another way; these identity fields differ:\n  "
@@ -136,8 +144,17 @@ def check_compatible(table: str, stored: dict[str, Any], new: dict[str, Any]) ->
         )
     out = Compatibility(notes=[f"differs from the table's record (description only): {d}"
                                for d in _describe(stored, new)])
-    if have < want or stored.get("identity") != merged:
+    joins = list(stored.get("runtime_joins") or [])
+    new_join = join is not None and not any(j.get("runtime") == join["runtime"] and
+                                            j.get("min_cosine") == join["min_cosine"] for j in joins)
+    if join is not None:
+        out.notes.append(f"rows of runtime {join['runtime']} join table {table!r} made with "
+                         f"{join['table_runtime']}: min cosine vs PyTorch {join['min_cosine']:.7f} "
+                         f">= {RUNTIME_MIN_COSINE} (recorded in the table's runtime_joins)")
+    if have < want or stored.get("identity") != merged or new_join:
         record = dict(stored)
+        if new_join:
+            record["runtime_joins"] = [*joins, join]
         if have < want:
             record["upgrades"] = [*stored.get("upgrades", []), {"from_layout": have, "to_layout": want}]
             out.notes.append(f"table {table!r} upgraded from cells layout {have} to {want}")
@@ -147,6 +164,36 @@ def check_compatible(table: str, stored: dict[str, Any], new: dict[str, Any]) ->
         record.update(schema_version=want, identity=merged, identity_sha256=identity_sha256(merged))
         out.record = record
     return out
+
+
+def _runtime_join(table: str, stored: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The check that lets rows of the run's runtime join a table of another runtime, or ProvenanceError."""
+    have = identity_of(stored)["compute"]["runtime"]
+    want = identity_of(new)["compute"]["runtime"]
+    checks = {have: stored.get("runtime_check"), want: new.get("runtime_check")}
+    worst = None
+    for runtime, check in checks.items():
+        if runtime == "torch":
+            continue
+        if not isinstance(check, dict) or check.get("runtime") != runtime or "min_cosine" not in check:
+            reason = f"no tolerance check of {runtime} against PyTorch is recorded"
+        elif check["min_cosine"] < RUNTIME_MIN_COSINE:
+            reason = (f"{runtime} agrees with PyTorch only to min cosine {check['min_cosine']:.7f} "
+                      f"(median {check.get('median_cosine', float('nan')):.7f}) on its check batch, below "
+                      f"the threshold {RUNTIME_MIN_COSINE}")
+        else:
+            worst = check if worst is None or check["min_cosine"] < worst["min_cosine"] else worst
+            continue
+        name = "onnx" if have.startswith("onnxruntime-") else have.split("-")[0]  # the --runtime value
+        raise ProvenanceError(
+            f"table {table!r} holds embeddings made with runtime {have}; this run uses {want}, and {reason}. "
+            f"Run with --runtime {name} (the table's runtime), or write these cells to another table "
+            "with --table NAME.")
+    if worst is None:  # pragma: no cover - two runtime strings differ, so one is not torch
+        raise ProvenanceError(f"table {table!r}: runtimes {have} and {want} cannot be compared")
+    return {"runtime": want, "table_runtime": have, "min_cosine": worst["min_cosine"],
+            "median_cosine": worst.get("median_cosine"), "n": worst.get("n"), "threshold": RUNTIME_MIN_COSINE,
+            "passed": True}
 
 
 def _compare(stored: Any, new: Any, path: str) -> tuple[list[str], Any]:
