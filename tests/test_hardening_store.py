@@ -78,3 +78,80 @@ def test_100000_or_terms_do_not_crash_the_process(store_copy, tmp_path):
                           timeout=300)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-500:])
     assert "refused" in proc.stdout
+
+
+# -- finiteness of embeddings ------------------------------------------------------------
+def _weights(tiny_weights: Path, path: Path, how: str) -> Path:
+    """The tiny checkpoint with every float weight NaN ("nan"), or its last norm layer scaled by 10^8 ("huge")."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tiny_weights))
+    for k, v in state.items():
+        if v.is_floating_point() and (how == "nan" or k.startswith("bn2.") and k.endswith(("weight", "bias"))):
+            state[k] = v * float("nan") if how == "nan" else v * 1e8
+    save_file(state, str(path))
+    return path
+
+
+def _tiny_manifest(tmp_path: Path) -> Path:
+    from conftest import sample_rows, write_manifest
+
+    return write_manifest(sample_rows(["chula-1"]), tmp_path / "m.csv")
+
+
+def test_nan_weights_stop_the_run_early_and_store_nothing(tiny_weights, tmp_path):
+    from conftest import TINY
+
+    bad = _weights(tiny_weights, tmp_path / "nan.safetensors", "nan")
+    store = tmp_path / "s"
+    res = runner.invoke(app, ["ingest", str(_tiny_manifest(tmp_path)), "--store", str(store), "--encoder", TINY,
+                              "--weights", str(bad), "--device", "cpu", "--batch-size", "16", "--json"])
+    assert res.exit_code == 2, res.output
+    assert "broken" in res.output and "NaN" in res.output and "16 of the 16" in res.output
+    s = CellStore.open(store)
+    assert not s.tables() or s.count() == 0  # no NaN embedding stored
+    fails = s.failures()
+    assert fails.num_rows == 16 and set(fails.column("stage").to_pylist()) == {"embed"}
+
+
+def test_float16_overflow_is_refused_and_float32_stores_it(tiny_weights, tmp_path):
+    from conftest import TINY
+
+    huge = _weights(tiny_weights, tmp_path / "huge.safetensors", "huge")
+    manifest = _tiny_manifest(tmp_path)
+    args = ["ingest", str(manifest), "--encoder", TINY, "--weights", str(huge), "--device", "cpu",
+            "--batch-size", "16", "--json"]
+    res = runner.invoke(app, [*args, "--store", str(tmp_path / "f16")])
+    assert res.exit_code == 2, res.output
+    assert "--float32" in res.output and "65504" in res.output
+    res = runner.invoke(app, [*args, "--store", str(tmp_path / "f32"), "--float32"])
+    assert res.exit_code == 0, res.output
+    emb, _ = CellStore.open(tmp_path / "f32").embeddings()
+    assert len(emb) == 117 and np.isfinite(emb).all() and np.abs(emb).max() > 65504
+
+
+def test_a_few_unusable_embeddings_are_failures_and_the_rest_is_stored(tiny_weights, tmp_path, monkeypatch):
+    from conftest import TINY
+    from cytostore import IngestConfig, ingest, open_source
+    from cytostore.embed import Embedder
+
+    real = Embedder.__call__
+    calls = {"n": 0}
+
+    def damaged(self, pixels):
+        out = real(self, pixels)
+        calls["n"] += 1
+        if calls["n"] == 2:  # injected: one NaN cell and one beyond float16 in the second batch
+            out[0, 3] = np.nan
+            out[1, 5] = 1e6
+        return out
+
+    monkeypatch.setattr(Embedder, "__call__", damaged)
+    report = ingest(open_source(_tiny_manifest(tmp_path)), tmp_path / "s",
+                    IngestConfig(encoder=TINY, weights=str(tiny_weights), device="cpu", batch_size=16))
+    assert report.cells_failed == 2 and report.cells_added == 115
+    s = CellStore.open(tmp_path / "s")
+    emb, _ = s.embeddings()
+    assert len(emb) == 115 and np.isfinite(emb.astype(np.float32)).all()
+    reasons = sorted(s.failures().column("reason").to_pylist())
+    assert len(reasons) == 2 and "NaN" in reasons[1] and "--float32" in reasons[0]

@@ -1,4 +1,5 @@
-"""The stages both ingest engines share: rows to Arrow, failure bookkeeping."""
+"""The stages both ingest engines share: rows to Arrow, failure bookkeeping, and the
+finiteness check of embeddings before they are committed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from cytostore.errors import EncoderError
 from cytostore.ingest.config import IngestReport
 from cytostore.keys import key_hashes
 from cytostore.sources.base import SourceFailure
@@ -43,6 +45,82 @@ class FailureLog:
             self.known.update((f.where, f.reason) for f in new)
             append_failures(self.store, failures_to_arrow(new, self.table, self.report.run_id))
         self.pending.clear()
+
+
+FLOAT16_MAX = 65504.0  # largest finite float16
+BROKEN_FRACTION = 0.5  # an encoder giving unusable output for more than this share of cells is stopped ...
+BROKEN_MIN_CELLS = 256  # ... once this many cells were checked (or at once when the whole first batch is)
+
+
+def embedding_problems(emb: np.ndarray, dtype: str | pa.DataType) -> list[str | None]:
+    """Why each embedding cannot be stored (None: it can): NaN/inf, or beyond float16's range.
+
+    Args:
+        emb: float32 (N, dim) embeddings from the encoder.
+        dtype: the stored dtype, "float16"/"float32" or the Arrow type.
+    """
+    finite = np.isfinite(emb).all(axis=1)
+    over = np.zeros(len(emb), bool)
+    if dtype == "float16" or (isinstance(dtype, pa.DataType) and dtype == pa.float16()):
+        over = finite & (np.abs(np.where(np.isfinite(emb), emb, 0)).max(axis=1, initial=0) > FLOAT16_MAX)
+    return [None if ok and not o else
+            ("the encoder gave NaN or infinite features for this cell; check the encoder's weights" if not ok else
+             f"a feature's magnitude exceeds {FLOAT16_MAX:g}, the float16 limit; ingest into a float32 table "
+             "(--float32)") for ok, o in zip(finite, over)]
+
+
+def drop_unstorable(out: dict[str, Any], emb: np.ndarray, dtype: str | pa.DataType) -> np.ndarray:
+    """Moves the cells of an embedded task output ``out`` whose embedding cannot be stored into
+    its failures (stage "embed"); returns the embeddings of the cells kept."""
+    why = embedding_problems(emb, dtype)
+    if not any(why):
+        return emb
+    keep = np.array([w is None for w in why])
+    for row, w in zip(out["cells"], why):
+        if w is not None:
+            out["failures"].append(SourceFailure(row.get("source_ref") or row["image"], w, "embed",
+                                                 row["slide_id"], row["cell_id"], row["uid"]))
+    out["cells"] = [r for r, k in zip(out["cells"], keep) if k]
+    out["failed_cells"] = out.get("failed_cells", 0) + int((~keep).sum())
+    return emb[keep]
+
+
+class EmbeddingGuard:
+    """Checks embeddings before commit: unstorable cells become failures, and a broken encoder
+    (the whole first batch, or more than half the cells, unusable) stops the run."""
+
+    def __init__(self, fails: FailureLog, dtype: str, encoder: str):
+        self.fails, self.dtype, self.encoder = fails, dtype, encoder
+        self.checked = self.bad = 0
+        self.last_reason = ""
+
+    def check(self, rows: list[dict[str, Any]], emb: np.ndarray) -> tuple[list[dict[str, Any]], np.ndarray]:
+        """The rows (and embeddings) that can be stored; the others are recorded as failures."""
+        out = {"cells": rows, "failures": [], "failed_cells": 0}
+        emb = drop_unstorable(out, emb, self.dtype)
+        self.fails.add(out["failures"], out["failed_cells"])
+        self.account(len(rows), out["failed_cells"], out["failures"][0].reason if out["failures"] else "")
+        return out["cells"], emb
+
+    def account_failures(self, stored: int, failures: list[SourceFailure]) -> None:
+        """``account`` from a written batch: ``stored`` rows kept and its failures (Ray driver)."""
+        bad = [f for f in failures if f.stage == "embed"]
+        self.account(stored + len(bad), len(bad), bad[0].reason if bad else "")
+
+    def account(self, checked: int, bad: int, reason: str = "") -> None:
+        """Counts ``bad`` unusable embeddings among ``checked``; raises EncoderError when the encoder is broken."""
+        first = self.checked == 0
+        self.checked += checked
+        self.bad += bad
+        self.last_reason = reason or self.last_reason
+        whole_first = first and checked > 0 and bad == checked
+        if whole_first or (self.checked >= BROKEN_MIN_CELLS and self.bad > BROKEN_FRACTION * self.checked):
+            self.fails.flush()
+            fix = ("store float32 embeddings (--float32)" if "float16" in self.last_reason
+                   else "check its weights (--weights), or try --precision fp32")
+            raise EncoderError(f"encoder {self.encoder} is broken: {self.bad} of the {self.checked} cells embedded so "
+                               f"far have unusable features ({self.last_reason}); the run stopped (cells committed "
+                               f"before are kept): {fix}")
 
 
 def clear_resolved_failures(store: CellStore, table: str) -> None:
