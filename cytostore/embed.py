@@ -27,6 +27,8 @@ class CropSpec:
     input_size: int  # encoder input side
     interpolation: str  # resize filter
     detector: Any = None  # DetectorParams for tasks without cells
+    stain: dict | None = None  # cytostore.stain reference the crops of a task are normalised to
+    morphometrics: bool = False  # measure each crop (cytostore.morphometrics) into the morph_* columns
 
 
 def plan_tasks(source, stored: UidSet) -> Iterator[tuple[str, Any]]:
@@ -139,7 +141,7 @@ def process_task(task: ImageTask, spec: CropSpec, stored: UidSet) -> dict[str, A
                 cells, out["skipped"], key_failures = split_stored(cells, stored, task.image)
                 out["failures"].extend(key_failures)
                 out["failed_cells"] = out.get("failed_cells", 0) + len(key_failures)
-        pixels = []
+        crops = []
         for rec in cells:
             try:
                 if rec.x is None:  # the whole image is the crop
@@ -153,13 +155,51 @@ def process_task(task: ImageTask, spec: CropSpec, stored: UidSet) -> dict[str, A
                 out["failures"].append(SourceFailure(rec.source_ref or task.image, f"{e}; fix the coordinates",
                                                      "crop", rec.slide_id, rec.cell_id, rec.uid))
                 continue
-            pixels.append(resize(crop, spec.input_size, spec.interpolation))
+            crops.append(crop)
             out["cells"].append(_row(rec, task, side, thumbnail_bytes(crop)))
-        if pixels:
-            out["pixels"] = np.stack(pixels)
+        if crops:
+            out["pixels"] = _model_pixels(crops, out["cells"], task, spec)
     finally:
         img.close()
     return out
+
+
+def _model_pixels(crops: list[np.ndarray], rows: list[dict[str, Any]], task: ImageTask, spec: CropSpec) -> np.ndarray:
+    """Content hashes and morphometrics of the raw crops into ``rows``; the crops stain-normalised and resized."""
+    from cytostore import morphometrics
+
+    image_hash = file_hash(task.image)
+    for crop, row in zip(crops, rows):
+        row["content_hash"], row["image_hash"] = content_hash(crop), image_hash
+        row.update(morphometrics.measure(crop) if spec.morphometrics else morphometrics.empty())
+    if spec.stain is not None:
+        from cytostore.stain import normalise
+
+        crops = normalise(crops, spec.stain)
+    return np.stack([resize(c, spec.input_size, spec.interpolation) for c in crops])
+
+
+def content_hash(crop: np.ndarray) -> int:
+    """blake2b-64 of a crop's shape and pixel bytes, as a signed int64 (the ``content_hash`` column)."""
+    import hashlib
+
+    h = hashlib.blake2b(str(crop.shape).encode(), digest_size=8)
+    h.update(np.ascontiguousarray(crop).tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def file_hash(path: str, max_bytes: int = 1 << 26) -> int | None:
+    """blake2b-64 of a local file's bytes (the ``image_hash`` column); None over ``max_bytes`` or not local."""
+    import hashlib
+    import os
+
+    try:
+        if os.path.getsize(path) > max_bytes:
+            return None
+        with open(path, "rb") as fh:
+            return int.from_bytes(hashlib.blake2b(fh.read(), digest_size=8).digest(), "little", signed=True)
+    except (OSError, TypeError, ValueError):
+        return None
 
 
 def _detect(img, task: ImageTask, spec: CropSpec) -> list[CellRecord]:

@@ -18,7 +18,7 @@ from typing import Callable
 
 from cytostore.encoders.lazy import encoder_identity
 from cytostore.errors import CytostoreError, InputError
-from cytostore.ingest.config import ENGINES, IngestConfig, IngestReport
+from cytostore.ingest.config import ENGINES, IngestConfig, IngestReport, with_cell_options
 from cytostore.ingest.local import run_local
 from cytostore.ingest.provenance import (choose_runtime, detector_identity, make_provenance, resolve_compute,
                                         uses_detector)
@@ -75,6 +75,7 @@ def ingest(source, store_path: str | Path, config: IngestConfig = IngestConfig()
     store = CellStore.create(store_path)
     # The model is built only when a cell needs embedding (the identity comes from a digest cache).
     encoder = encoder_identity(config.encoder, config.weights, config.input_size)
+    config, encoder = with_cell_options(config, encoder, store)  # --features, --tta, --stain, --morphometrics
     table = table_name_for(config.table or encoder.name)
     device = _device(config)
     config, check, notes = choose_runtime(config, encoder, device,

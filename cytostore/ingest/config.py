@@ -34,6 +34,47 @@ class IngestConfig:
     ray_address: str | None = None  # Ray cluster to join; None starts a local one
     gpus_per_worker: float = 0.0  # GPU share of each Ray encoder actor (0 = one GPU when there are GPUs)
     ray_actors: int = 0  # Ray encoder actors; 0 = one per GPU share, or half the CPU cores
+    # Cell options (cytostore.encoders.features, cytostore.stain, cytostore.morphometrics; docs/embeddings.md):
+    features: str = "final"  # final (the backbone's pooled output) or multilayer (later stages pooled too)
+    tta: int = 1  # dihedral test-time augmentation: 1 (off), 4 rotations or 8 rotations and flips
+    stain: str = "none"  # colour normalisation of crops before the encoder: none, reinhard or macenko
+    stain_reference: Any = None  # reference: an image path, None (a sample of the store's thumbnails) or stats
+    morphometrics: bool = False  # morph_* columns (size, shape, pallor, colour) from each crop
+
+    def crop_hooks(self) -> dict[str, Any]:
+        """The CropSpec fields of the cell options (after ``with_cell_options`` resolved the stain reference)."""
+        stain = self.stain_reference if self.stain != "none" and isinstance(self.stain_reference, dict) else None
+        return {"stain": stain, "morphometrics": self.morphometrics}
+
+
+def with_cell_options(config: IngestConfig, encoder, store):
+    """(config, encoder) with the cell options applied: ``FeatureModel`` around the encoder's
+    model (--features, --tta) and the stain reference resolved to numbers (--stain).
+
+    The options are recorded in ``encoder.extra["cell_options"]``, which
+    ``make_provenance`` puts into the table's identity.
+    """
+    import dataclasses
+
+    from cytostore.errors import InputError
+
+    if config.features != "final" or config.tta != 1:
+        if config.engine == "ray":
+            raise InputError("--features and --tta run on --engine local for now; leave them out with --engine ray")
+        from cytostore.encoders.features import with_options
+
+        encoder = with_options(encoder.load() if hasattr(encoder, "load") else encoder, config.features, config.tta)
+    stain = None
+    if config.stain != "none":
+        from cytostore import stain as stain_mod
+        from cytostore.store import table_name_for
+
+        table = table_name_for(config.table or encoder.name)
+        stored = store.provenance(table).get("identity") if store.has_table(table) else None
+        stain = stain_mod.resolve(config.stain, config.stain_reference, store, table, stored)
+        config = dataclasses.replace(config, stain_reference=stain)
+    encoder.extra = {**encoder.extra, "cell_options": {"stain": stain, "morphometrics": config.morphometrics}}
+    return config, encoder
 
 
 @dataclass

@@ -18,7 +18,7 @@ def run_local(store: CellStore, table: str, source, encoder, prov: dict, config:
               report: IngestReport, progress, writer: CellWriter) -> None:
     """The local engine of ``cytostore.ingest.ingest``: every row goes to ``writer``, which commits by size/time."""
     stored = store.stored_keys(table)
-    spec = CropSpec(config.crop, encoder.input_size, encoder.interpolation, config.detector)
+    spec = CropSpec(config.crop, encoder.input_size, encoder.interpolation, config.detector, **config.crop_hooks())
     embedder = Embedder(encoder, config.device, config.batch_size, config.precision)
     extra_schema = getattr(source, "extra_schema", None) or pa.schema([])
     target = writer.prepare(schema.arrow_schema("cells", dim=encoder.dim, embedding_dtype=config.embedding_dtype,

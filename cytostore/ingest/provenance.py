@@ -92,6 +92,7 @@ def make_provenance(encoder: Encoder, policy: CropPolicy, embedding_dtype: str, 
          "mean": [float(v) for v in encoder.mean], "std": [float(v) for v in encoder.std]},
         embedding_dtype, compute, detector,
     )
+    options = cell_options(encoder, identity)
     record = {
         "schema": "cells",
         "schema_version": schema.version("cells"),
@@ -111,9 +112,39 @@ def make_provenance(encoder: Encoder, policy: CropPolicy, embedding_dtype: str, 
         "embedding_dtype": embedding_dtype,
         "versions": library_versions(),
     }
+    if options:
+        record["cell_options"] = options
     if runtime_check is not None:
         record["runtime_check"] = {k: v for k, v in runtime_check.items() if k not in ("threshold", "passed")}
     return record
+
+
+def cell_options(encoder, identity: dict[str, Any]) -> dict[str, Any]:
+    """Puts the cell options of ``encoder`` (``ingest.config.with_cell_options``) into ``identity``; returns
+    their description (empty for the defaults).
+
+    --features/--tta are in ``encoder.arch`` (``...+multilayer+tta4``) and ``dim``. --stain changes the
+    crop pixels: ``preprocessing.crop_rule`` names the method and the reference's hash (so rows with and
+    without it, or with another reference, never share a table) and ``stain`` holds the reference's
+    numbers. --morphometrics adds ``morphometrics`` (its version); it changes no embedding.
+    """
+    extra = getattr(encoder, "extra", None) or {}
+    opts, out = extra.get("cell_options") or {}, {}
+    if extra.get("features"):
+        out["features"] = extra["features"]
+    if opts.get("stain"):
+        from cytostore import stain
+
+        ref = opts["stain"]
+        identity["preprocessing"]["crop_rule"] = f"{CROP_RULE}+stain:{ref['method']}:{stain.short_hash(ref)}"
+        identity["stain"] = stain.identity(ref)
+        out["stain"] = ref
+    if opts.get("morphometrics"):
+        from cytostore import morphometrics
+
+        identity["morphometrics"] = morphometrics.VERSION
+        out["morphometrics"] = {"version": morphometrics.VERSION, "columns": list(morphometrics.COLUMNS)}
+    return out
 
 
 def choose_runtime(config, encoder, device: str, stored: dict[str, Any] | None):

@@ -188,7 +188,7 @@ def run_ray(store, table: str, source, encoder, prov: dict, config, report, prog
     target = writer.prepare(schema.arrow_schema("cells", dim=encoder.dim, embedding_dtype=config.embedding_dtype,
                                                 extra=extra_schema, metadata=prov))
     run = _RayRun(ray, store, writer, target, plan, config, report, progress,
-                  CropSpec(config.crop, encoder.input_size, encoder.interpolation, config.detector),
+                  CropSpec(config.crop, encoder.input_size, encoder.interpolation, config.detector, **config.crop_hooks()),
                   ray.put(stored) if len(stored) else None, prov["encoder"].get("weights_sha256"))
     # Planning (listing, membership tests) runs on the driver, streamed in waves
     # so that the driver never holds the task list of a whole archive.
