@@ -12,6 +12,7 @@ from cli.common import DEBUG, report_unexpected
 from cli.evaluate import evaluate_cmd
 from cli.export import export_app
 from cli.fewshot import fewshot_app
+from cli.harmonise import harmonise_cmd
 from cli.info import encoders_cmd, info_cmd
 from cli.ingest import ingest_cmd
 from cli.maps import register as register_maps
@@ -54,6 +55,7 @@ app.command("ingest")(ingest_cmd)
 app.command("info")(info_cmd)
 app.command("encoders")(encoders_cmd)
 app.command("evaluate")(evaluate_cmd)
+app.command("harmonise")(harmonise_cmd)
 app.add_typer(mil_app, name="mil")
 app.add_typer(fewshot_app, name="fewshot")
 app.add_typer(store_app, name="store")
