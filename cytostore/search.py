@@ -164,12 +164,29 @@ def load_vector(vector: np.ndarray | str | Path, dim: int) -> np.ndarray:
                          f"the table's embeddings have dimension {dim}: give shape ({dim},) or (1, {dim})")
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise InputError(f"{where}: query vector has dtype {arr.dtype}; give float16/float32/float64 numbers")
-    arr = arr.astype(np.float32)
-    if not np.isfinite(arr).all():
-        raise InputError(f"{where}: query vector holds NaN or infinite values")
-    if not np.any(arr):
+    return check_query(arr.astype(np.float32), where)
+
+
+MIN_QUERY_NORM = 1e-6  # a query vector shorter than this has no usable direction in float32
+
+
+def check_query(vec: np.ndarray, where: str) -> np.ndarray:
+    """``vec`` when it is a usable query: finite, and neither near zero nor overflowing once squared.
+
+    Cosine similarity divides by the vector's norm: computed in float32 (as FAISS does) a
+    near-zero norm underflows to 0 and every score comes out 0; a huge one overflows.
+    """
+    if not np.isfinite(vec).all():
+        raise InputError(f"{where}: query vector holds NaN or infinite values; give finite numbers")
+    with np.errstate(over="ignore", under="ignore"):
+        norm = float(np.linalg.norm(vec.astype(np.float32)))
+    if not np.any(vec):
         raise InputError(f"{where}: query vector is all zeros; cosine similarity is undefined for it")
-    return arr
+    if not (MIN_QUERY_NORM <= norm < np.inf):
+        raise InputError(f"{where}: query vector has norm {norm:.3g} in float32 ({'near zero' if norm < 1 else 'overflowing'}"
+                         f"): every score would be 0. Give a vector of the table's scale (norm between "
+                         f"{MIN_QUERY_NORM:g} and 1e18), e.g. a stored cell's embedding")
+    return vec
 
 
 def embed_image(bound: BoundIndex, path: str | Path, x: float | None = None, y: float | None = None,
@@ -255,7 +272,7 @@ def run_search(store: CellStore | str | Path, slide_id: str | None = None, cell_
 
             pixels = decode_thumbnail(row.pop("thumbnail"))
         query.update(row)
-        q = bound.vectors(np.array([uid]))[0]
+        q = check_query(bound.vectors(np.array([uid]))[0], f"stored cell {slide_id}/{cell_id}")
         banned.append(np.array([uid]))
         slide = row["slide_id"]
     elif modes[0] == "vector":
@@ -263,6 +280,7 @@ def run_search(store: CellStore | str | Path, slide_id: str | None = None, cell_
         query["source"] = str(vector) if isinstance(vector, (str, Path)) else "array"
     else:
         raw, pixels = embed_image(bound, image, x, y, device)
+        check_query(raw, f"--image {image}")
         q = prepare(raw[None], bound.metric)[0]
         query.update({"image": str(image), "x": x, "y": y})
         slide = _image_slide(bound, image, x, y, query, banned)

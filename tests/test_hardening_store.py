@@ -155,3 +155,31 @@ def test_a_few_unusable_embeddings_are_failures_and_the_rest_is_stored(tiny_weig
     assert len(emb) == 115 and np.isfinite(emb.astype(np.float32)).all()
     reasons = sorted(s.failures().column("reason").to_pylist())
     assert len(reasons) == 2 and "NaN" in reasons[1] and "--float32" in reasons[0]
+
+
+# -- query vectors ---------------------------------------------------------------------
+@pytest.mark.parametrize("scale, says", [(1e-30, "near zero"), (1e30, "overflowing")])
+def test_a_near_zero_or_overflowing_query_vector_is_refused(small_store, tmp_path, scale, says):
+    vec = tmp_path / "q.npy"
+    np.save(vec, np.full(1280, scale, np.float32))
+    res = runner.invoke(app, ["search", "--store", str(small_store), "--vector", str(vec), "--json"])
+    assert res.exit_code == 2, res.output  # before: exit 0 and every score 0
+    assert says in res.output and "norm" in res.output
+
+
+# -- MIL models ------------------------------------------------------------------------
+def test_a_mil_model_with_fewer_classes_than_outputs_is_refused(small_store, tmp_path):
+    import torch
+
+    from cytostore.mil.artifacts import feature_provenance, save_model
+    from cytostore.mil.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_classes=3)
+    store = CellStore.open(small_store)
+    model = save_model(tmp_path / "m", build_model(cfg), cfg.to_dict(), ["a", "b"], {},
+                       feature_provenance(store, store.resolve()), {}, {})
+    res = runner.invoke(app, ["mil", "predict", "--store", str(small_store), "--model", str(model), "--json",
+                              "--device", "cpu"])
+    assert res.exit_code == 2, res.output  # before: exit 0, the third class silently dropped
+    assert "config.json names 2 classes" in res.output and "3 outputs" in res.output

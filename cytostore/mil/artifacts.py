@@ -125,14 +125,25 @@ def load_model(path: str | Path) -> MILModel:
                          f"expected {FORMAT!r})")
     if not (path / WEIGHTS).is_file():
         raise InputError(f"{path} has no {WEIGHTS}; the training did not finish, retrain the model")
-    module = build_model(ModelConfig(**config["model"]))
+    classes = config.get("classes")
+    if not isinstance(classes, list) or not classes or len(set(map(str, classes))) != len(classes):
+        raise InputError(f"{cfg_path}: 'classes' must be a list of distinct class names, got {classes!r}; "
+                         "retrain the model")
+    try:
+        module = build_model(ModelConfig(**config["model"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{cfg_path}: 'model' does not describe a MIL model ({e}); retrain the model") from e
     try:
         state = load_file(str(path / WEIGHTS))
         module.load_state_dict(state)
     except Exception as e:
         raise InputError(f"{path / WEIGHTS} does not fit the model in {CONFIG} ({e}); retrain the model") from e
+    outputs = int(module.classifier.out_features)
+    if len(classes) != outputs:  # a class would silently be dropped (or invented) at prediction
+        raise InputError(f"{cfg_path} names {len(classes)} classes but the model in {path / WEIGHTS} has {outputs} "
+                         "outputs; the two files do not belong together: retrain the model (or restore its config)")
     module.to(torch.device("cpu")).eval()
-    return MILModel(str(path), module, list(config["classes"]), config.get("features", {}), config)
+    return MILModel(str(path), module, [str(c) for c in classes], config.get("features", {}), config)
 
 
 def _json_default(value: Any) -> Any:
