@@ -312,3 +312,37 @@ def test_store_delete_by_slide_names_stale_artefacts(busy_store):
     assert out["cells"] == 0 and s.count() == 360 - n27
     res = runner.invoke(app, ["store", "delete", "--store", str(busy_store)])
     assert res.exit_code == 2 and "--slide" in res.stderr
+
+
+def test_a_failed_append_after_new_columns_leaves_the_schema_unchanged(tmp_path, monkeypatch):
+    import errno
+
+    store = CellStore.create(tmp_path / "s")
+    with CellWriter(store, TABLE) as w:
+        w.append(rows(0, 10))
+    before = store.dataset(TABLE).schema
+    extra = rows(10, 5)
+    extra = extra.append_column("stain", pa.array(["he"] * 5))
+    real = lance.write_dataset
+
+    def full_disk(data, uri, *args, mode="create", **kwargs):
+        if mode == "append":  # injected after the schema evolution point
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(data, uri, *args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(lance, "write_dataset", full_disk)
+    w = CellWriter(store, TABLE)
+    with pytest.raises(OSError, match="No space"):
+        with w:
+            w.append(extra)
+            w.flush()
+    monkeypatch.setattr(lance, "write_dataset", real)
+    assert store.dataset(TABLE).schema == before  # the new column was rolled back with the failed append
+    assert store.count(TABLE) == 10
+    with CellWriter(store, TABLE) as w2:  # the table stays writable, with and without the new column
+        w2.append(rows(20, 3))
+        w2.append(extra)
+    got = store.cells(columns=["uid", "stain"])
+    assert got.num_rows == 18 and got.column("stain").to_pylist().count("he") == 5
+    with pytest.raises(Exception, match="non-empty"):
+        CellWriter(store, TABLE).prepare(pa.schema([*store.dataset(TABLE).schema, pa.field("", pa.string())]))

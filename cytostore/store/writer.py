@@ -79,6 +79,7 @@ class CellWriter:
         self._pending = 0
         self._last_commit = clock()
         self._hooks: list[Callable[[int], None]] = []
+        self._evolved_from: int | None = None  # version before columns were added, until rows follow them
         if self.exists():
             self.schema = self._dataset().schema
             self._adopt_unnamed()
@@ -122,11 +123,30 @@ class CellWriter:
         ds = self._dataset()
         new_cols = [f for f in target if f.name not in ds.schema.names]
         if new_cols:
+            bad = [f.name for f in new_cols if not isinstance(f.name, str) or not f.name.strip()]
+            if bad or len({f.name for f in new_cols}) != len(new_cols):
+                raise StoreError(f"cannot add columns {[f.name for f in new_cols]} to table {self.table!r}: "
+                                 "column names must be non-empty and distinct; rename them in the input")
             self._commit_pending()
+            ds = self._dataset()  # the version that commit made (a stale handle would conflict)
+            # Lance cannot add columns and rows in one commit: the new (nullable, all-null) columns
+            # are committed first, and that version is rolled back if the rows' append then fails
+            # (``_commit_pending``, ``abort``), so a failed append never leaves the schema changed.
+            self._evolved_from = int(ds.version)
             ds.add_columns([f.with_nullable(True) for f in new_cols])
             ds = self._dataset()
         self.schema = ds.schema
         return self.schema
+
+    def _roll_back_schema(self) -> None:
+        """Restores the version before the last column addition when no row has been appended since."""
+        import lance
+
+        if self._evolved_from is None:
+            return
+        version, self._evolved_from = self._evolved_from, None
+        lance.dataset(self.uri, version=version).restore()
+        self.schema = self._dataset().schema
 
     # -- writing -----------------------------------------------------------------
     def append(self, rows: pa.Table) -> None:
@@ -178,11 +198,15 @@ class CellWriter:
             self.release()
 
     def abort(self) -> None:
-        """Drops the uncommitted rows and releases the lock (after an error)."""
+        """Drops the uncommitted rows, undoes a column addition no row followed, and releases the lock."""
         self._rows.clear()
         self._fragments.clear()
         self._pending = 0
-        self.release()
+        try:
+            if self.lock is not None or layout.is_uri(self.store.root):
+                self._roll_back_schema()
+        finally:
+            self.release()
 
     def release(self) -> None:
         """Releases the writer lock (nothing more can be written)."""
@@ -230,14 +254,20 @@ class CellWriter:
         # stored, and a re-run embeds them.
         n, rows, fragments = self._pending, self._rows, self._fragments
         self._rows, self._fragments, self._pending = [], [], 0
-        if rows:
-            self._create_if_absent()
-            data = pa.concat_tables(rows) if len(rows) > 1 else rows[0]
-            lance.write_dataset(data, self.uri, mode="append", max_rows_per_file=MAX_ROWS_PER_FILE)
-        elif fragments:
-            self._create_if_absent()
-            lance.LanceDataset.commit(self.uri, lance.LanceOperation.Append(list(fragments)),
-                                      read_version=self._dataset().version)
+        try:
+            if rows:
+                self._create_if_absent()
+                data = pa.concat_tables(rows) if len(rows) > 1 else rows[0]
+                lance.write_dataset(data, self.uri, mode="append", max_rows_per_file=MAX_ROWS_PER_FILE)
+            elif fragments:
+                self._create_if_absent()
+                lance.LanceDataset.commit(self.uri, lance.LanceOperation.Append(list(fragments)),
+                                          read_version=self._dataset().version)
+        except BaseException:
+            self._roll_back_schema()
+            raise
+        if n:
+            self._evolved_from = None
         self._last_commit = self.clock()
         if n:
             self.commits += 1
