@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cytostore import limits
 from cytostore.errors import InputError
 
 SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"}
@@ -25,11 +26,18 @@ class CropPolicy:
     box_margin: float = 0.15  # context added on each side of a cell's box, as a fraction of its side
 
     def side(self, box: tuple[float, float, float, float] | None) -> int:
-        """Crop side for a cell: ``crop_size``, or more when its box needs it."""
+        """Crop side for a cell: ``crop_size``, or more when its box needs it.
+
+        Raises:
+            InputError: the box is not finite, or needs a side over ``limits.MAX_CROP_SIDE``.
+        """
         if box is None:
             return self.crop_size
         w, h = box[2] - box[0], box[3] - box[1]
-        return max(self.crop_size, int(round(max(w, h) * (1 + 2 * self.box_margin))))
+        want = max(w, h) * (1 + 2 * self.box_margin)
+        if not np.isfinite(want) or want > self.crop_size:
+            limits.check_crop_side(want, f"box {w}x{h} px with its margin: crop")
+        return max(self.crop_size, int(round(want)))
 
 
 def is_slide_file(path: str | Path) -> bool:
@@ -38,8 +46,8 @@ def is_slide_file(path: str | Path) -> bool:
     Plain .tif/.tiff files that OpenSlide does not recognise are read as images.
     """
     suffix = Path(path).suffix.lower()
-    if suffix not in SLIDE_SUFFIXES:
-        return False
+    if suffix not in SLIDE_SUFFIXES or not Path(path).is_file():
+        return False  # not a regular file: open_image refuses it (OpenSlide would block on a FIFO)
     if suffix in {".tif", ".tiff"}:
         import openslide
 
@@ -52,12 +60,20 @@ class Picture:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
+        limits.regular_file(self.path, "image")
         try:
             with Image.open(self.path) as im:
+                # Checked from the header, before a pixel is decoded (PIL's bomb check, made explicit).
+                limits.check_image_size(im.size[0], im.size[1], self.path)
                 im.load()
                 self.array = np.asarray(im.convert("RGB"))
         except FileNotFoundError as e:
             raise InputError(f"{self.path}: file not found") from e
+        except InputError:
+            raise
+        except Image.DecompressionBombError as e:  # PIL's own check, at the same threshold as ours
+            raise InputError(f"{self.path}: over cytostore.limits.MAX_IMAGE_PIXELS ({e}); cut it into fields "
+                             "or read it as a slide") from e
         except Exception as e:
             raise InputError(f"{self.path}: not a readable image ({type(e).__name__}: {e})") from e
         if self.array.size == 0:
@@ -112,17 +128,18 @@ class Slide:
 
 
 def open_image(path: str | Path) -> Picture | Slide:
-    """Opens a plain image or a whole-slide file, chosen by its format."""
-    if not Path(path).exists():
-        raise InputError(f"{path}: file not found")
+    """Opens a plain image or a whole-slide file, chosen by its format; only regular files are opened."""
+    limits.regular_file(path, "image")
     return Slide(path) if is_slide_file(path) else Picture(path)
 
 
 def crop_cell(img: Picture | Slide, x: float, y: float, side: int) -> np.ndarray:
     """The square crop of ``side`` pixels centred on (x, y).
 
-    Raises InputError when the centre lies outside the image.
+    Raises InputError when the centre lies outside the image or ``side`` is over
+    ``limits.MAX_CROP_SIDE`` (checked before the crop is allocated).
     """
+    side = limits.check_crop_side(side)
     w, h = img.size
     if not (0 <= x < w and 0 <= y < h) or not np.isfinite([x, y]).all():
         raise InputError(f"cell centre ({x:.1f}, {y:.1f}) is outside the {w}x{h} image")

@@ -4,6 +4,7 @@ that tell stored cells, repeated keys and uid collisions apart."""
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from typing import Callable, Iterable
 
@@ -23,6 +24,10 @@ def check_id(value: object, what: str = "slide_id") -> str:
     """
     if value is None:
         raise InputError(f"{what} is empty")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{what} is {value}, not an id")
+    if isinstance(value, (bytes, bytearray)):
+        raise InputError(f"{what} {bytes(value)[:40]!r} is bytes, not text")
     text = str(value).strip()
     if not text:
         raise InputError(f"{what} is empty")

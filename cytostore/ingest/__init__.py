@@ -22,6 +22,7 @@ from cytostore.ingest.config import ENGINES, IngestConfig, IngestReport, with_ce
 from cytostore.ingest.local import run_local
 from cytostore.ingest.provenance import (choose_runtime, detector_identity, make_provenance, resolve_compute,
                                         uses_detector)
+from cytostore.ingest.validate import validate
 from cytostore.store import CellStore, schema, table_name_for
 from cytostore.store.writer import CellWriter, CommitPolicy
 from cytostore.store.provenance import check_compatible
@@ -59,6 +60,7 @@ def ingest(source, store_path: str | Path, config: IngestConfig = IngestConfig()
         IngestInterrupted: on KeyboardInterrupt, after committing the cells already
             embedded (and their failures) and releasing the writer lock.
     """
+    validate(source, config)  # options and source columns, before the store is touched (InputError)
     if config.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {config.batch_size}")
     if config.workers < 0:

@@ -11,11 +11,40 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
+from cytostore import limits
 from cytostore.errors import InputError
 from cytostore.imaging import IMAGE_SUFFIXES, SLIDE_SUFFIXES
 from cytostore.keys import box_cell_id, check_id
 from cytostore.sources.base import (CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions, absolute,
                                     safe_slide_id, shard_of)
+
+
+_MALFORMED = (TypeError, ValueError, AttributeError, IndexError, KeyError, OverflowError, RecursionError)
+
+
+def _coord(value: Any, what: str) -> float:
+    """A coordinate as a finite float; InputError saying what it is otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InputError(f"{what} {str(value)[:40]!r} is not a number")
+    try:
+        out = float(value)
+    except (ValueError, OverflowError):
+        raise InputError(f"{what} {str(value)[:40]!r} is not a number") from None
+    if not math.isfinite(out):
+        raise InputError(f"{what} {value!r} is not a finite number")
+    return out
+
+
+def _xy(c: Any) -> tuple[float, float]:
+    if not isinstance(c, (list, tuple)) or len(c) < 2:
+        raise InputError(f"position {str(c)[:40]!r} is not [x, y]")
+    return _coord(c[0], "x"), _coord(c[1], "y")
+
+
+def _read_annotation(path: Path) -> bytes:
+    """The bytes of an annotation file: a regular file, within ``limits.MAX_ANNOTATION_BYTES``."""
+    limits.check_file_size(path, limits.MAX_ANNOTATION_BYTES, "annotation file", "MAX_ANNOTATION_BYTES")
+    return path.read_bytes()
 
 
 def _find_image(stem: str, folders: list[Path], suffixes: set[str]) -> Path | None:
@@ -52,15 +81,18 @@ class VocSource:
     def __iter__(self) -> Iterator[SourceItem]:
         for xml in self.xmls[self.shard_index::self.shard_count]:
             try:
-                yield self._task(xml)
+                yield from self._items(xml)
             except InputError as e:
                 yield SourceFailure(str(xml), str(e))
 
-    def _task(self, xml: Path) -> ImageTask:
+    def _items(self, xml: Path) -> Iterator[SourceItem]:
+        """The image task of one XML file, after a failure for each object that cannot be a cell."""
         try:
-            root = ET.parse(xml).getroot()
+            root = ET.fromstring(_read_annotation(xml))
         except ET.ParseError as e:
             raise InputError(f"not well-formed XML ({e})") from e
+        except OSError as e:
+            raise InputError(f"cannot read it ({e})") from e
         fname = (root.findtext("filename") or xml.stem).strip()
         base = xml.parent.parent if xml.parent.name == "Annotations" else xml.parent
         folders = [base / "JPEGImages", xml.parent, base]
@@ -71,38 +103,59 @@ class VocSource:
         slide_id = safe_slide_id(self.options.slide_id or image.stem, str(xml))
         cells, seen = [], set()
         for k, obj in enumerate(root.iter("object")):
-            bb = obj.find("bndbox")
+            where = f"{xml}#object{k}"
             try:
-                box = tuple(float(bb.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[union-attr]
-            except (AttributeError, TypeError, ValueError):
-                raise InputError(f"object {k} has no numeric bndbox") from None
-            if box[2] <= box[0] or box[3] <= box[1]:
+                box = _voc_box(obj)
+            except InputError as e:
+                yield SourceFailure(where, f"{e}; fix or remove the object", slide_id=slide_id)
                 continue
             cid = box_cell_id(box)
             if cid in seen:
+                yield SourceFailure(where, f"the same box as an earlier object (cell id {cid!r}); the first was "
+                                    "kept: remove the repeated object", slide_id=slide_id, cell_id=cid)
                 continue
             seen.add(cid)
             cells.append(CellRecord(slide_id=slide_id, cell_id=cid, x=(box[0] + box[2]) / 2, y=(box[1] + box[3]) / 2,
-                                    box=box, label=(obj.findtext("name") or "").strip() or None,
-                                    source_ref=f"{xml}#object{k}"))
-        return ImageTask(image=str(image), slide_id=slide_id, cells=cells, source_ref=str(xml))
+                                    box=box, label=(obj.findtext("name") or "").strip() or None, source_ref=where))
+        yield ImageTask(image=str(image), slide_id=slide_id, cells=cells, source_ref=str(xml))
+
+
+def _voc_box(obj: ET.Element) -> tuple[float, float, float, float]:
+    """The (xmin, ymin, xmax, ymax) of a VOC object: four finite numbers, min below max.
+
+    An inverted or empty box is refused (a failure), not swapped: which corner is
+    wrong cannot be told, and a swapped box would be a cell nobody drew.
+    """
+    bb = obj.find("bndbox")
+    if bb is None:
+        raise InputError("object has no bndbox")
+    box = tuple(_coord((bb.findtext(t) or "").strip(), t) for t in ("xmin", "ymin", "xmax", "ymax"))
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise InputError(f"box xmin={box[0]:g} ymin={box[1]:g} xmax={box[2]:g} ymax={box[3]:g} is inverted or empty "
+                         "(xmin must be below xmax, ymin below ymax)")
+    return box  # type: ignore[return-value]
 
 
 def _points(geom: dict[str, Any]) -> list[tuple[float, float]]:
     coords = geom.get("coordinates")
     if geom.get("type") == "Point":
-        return [(float(coords[0]), float(coords[1]))]
-    return [(float(c[0]), float(c[1])) for c in coords]
+        return [_xy(coords)]
+    if not isinstance(coords, list):
+        raise InputError("MultiPoint coordinates are not a list of [x, y]")
+    return [_xy(c) for c in coords]
 
 
 def _geometry_box(geom: dict[str, Any]) -> tuple[float, float, tuple[float, float, float, float] | None]:
     kind = geom.get("type")
     coords = geom.get("coordinates")
     if kind == "Point":
-        return float(coords[0]), float(coords[1]), None
+        x, y = _xy(coords)
+        return x, y, None
     if kind in {"Polygon", "MultiPolygon"}:
-        rings = [coords[0]] if kind == "Polygon" else [p[0] for p in coords]
-        pts = [(float(c[0]), float(c[1])) for ring in rings for c in ring]
+        rings = _outer_rings(geom)
+        pts = [p for ring in rings for p in ring]
+        if not pts:
+            raise InputError(f"{kind} has no points")
         # Area-weighted centroid of the outer ring(s) (shoelace formula).
         a_tot = cx = cy = 0.0
         for ring in rings:
@@ -123,7 +176,12 @@ def _outer_rings(geom: dict[str, Any]) -> list[list[tuple[float, float]]]:
     """Outer rings of a (Multi)Polygon annotation; [] for other geometries."""
     kind, coords = geom.get("type"), geom.get("coordinates") or []
     polys = [coords] if kind == "Polygon" else coords if kind == "MultiPolygon" else []
-    return [[(float(c[0]), float(c[1])) for c in p[0]] for p in polys if p]
+    if not isinstance(polys, list) or not all(isinstance(p, list) for p in polys):
+        raise InputError(f"{kind} coordinates are not lists of rings")
+    rings = [p[0] for p in polys if p]
+    if not all(isinstance(r, list) for r in rings):
+        raise InputError(f"{kind} rings are not lists of [x, y]")
+    return [[_xy(c) for c in ring] for ring in rings]
 
 
 def _inside(x: float, y: float, ring: list[tuple[float, float]]) -> bool:
@@ -148,16 +206,17 @@ def measurement_column(name: str) -> str:
 def measurements(props: dict[str, Any]) -> dict[str, float | None]:
     """``properties.measurements`` (a dict, or QuPath's older list of {name, value})
     as {column: float}; values that are not numbers become None."""
-    raw = props.get("measurements")
+    raw = props.get("measurements") if isinstance(props, dict) else None
     if isinstance(raw, list):
-        raw = {m.get("name"): m.get("value") for m in raw if isinstance(m, dict) and m.get("name") is not None}
+        raw = {m.get("name"): m.get("value") for m in raw
+               if isinstance(m, dict) and isinstance(m.get("name"), (str, int, float))}
     if not isinstance(raw, dict):
         return {}
     out: dict[str, float | None] = {}
     for name, value in raw.items():
         try:
-            num = float(value)
-        except (TypeError, ValueError):
+            num = None if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError, OverflowError):
             num = None
         out[measurement_column(name)] = num if num is None or math.isfinite(num) else None
     return out
@@ -165,12 +224,19 @@ def measurements(props: dict[str, Any]) -> dict[str, float | None]:
 
 def _features(path: Path) -> list[Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(_read_annotation(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"not valid JSON ({e})") from e
+    except RecursionError:
+        raise InputError("JSON nested too deeply to be GeoJSON") from None
+    except OSError as e:
+        raise InputError(f"cannot read it ({e})") from e
     if isinstance(data, dict) and data.get("type") == "Feature":
         return [data]
-    return data.get("features", []) if isinstance(data, dict) else data
+    feats = data.get("features", []) if isinstance(data, dict) else data
+    if not isinstance(feats, list):
+        raise InputError(f"'features' is a {type(feats).__name__}, not a list of GeoJSON features")
+    return feats
 
 
 def _is_region(feat: Any) -> bool:
@@ -180,6 +246,17 @@ def _is_region(feat: Any) -> bool:
     geom = feat.get("geometry") if isinstance(feat, dict) else None
     return (isinstance(props, dict) and str(props.get("objectType", "")).lower() == "annotation"
             and not (isinstance(geom, dict) and geom.get("type") in {"Point", "MultiPoint"}))
+
+
+def _label(name: Any) -> str | None:
+    """A classification name as text: a number becomes its decimal text; anything else is refused."""
+    if name is None or isinstance(name, str):
+        return name
+    if isinstance(name, int) and not isinstance(name, bool):
+        return str(name)
+    if isinstance(name, float) and math.isfinite(name):
+        return repr(name)
+    raise InputError(f"classification name {str(name)[:40]!r} is not text or a number")
 
 
 class GeoJsonSource:
@@ -221,7 +298,7 @@ class GeoJsonSource:
                     continue  # reported as a failure when the file is read for its cells
                 for feat in feats:
                     if isinstance(feat, dict) and not _is_region(feat):
-                        names.update(dict.fromkeys(measurements(feat.get("properties") or {})))
+                        names.update(dict.fromkeys(measurements(feat.get("properties"))))
             self._extra = pa.schema([pa.field(n, pa.float64()) for n in names])
         return self._extra
 
@@ -247,8 +324,14 @@ class GeoJsonSource:
             raise InputError(f"no image or slide named {path.stem}.* beside it; put it there or pass --image")
         features = _features(path)
         slide_id = safe_slide_id(self.options.slide_id or image.stem, str(path))
-        regions = [r for f in features if _is_region(f) and isinstance(f.get("geometry"), dict)
-                   for r in _outer_rings(f["geometry"])]
+        regions = []
+        for k, f in enumerate(features):
+            if _is_region(f) and isinstance(f.get("geometry"), dict):
+                try:
+                    regions += _outer_rings(f["geometry"])
+                except (InputError, *_MALFORMED) as e:
+                    yield SourceFailure(f"{path}#feature{k}", f"annotation region: {e}; fix or remove it",
+                                        slide_id=slide_id)
         if self.within_annotations and not regions:
             raise InputError("no annotation polygon to keep cells inside; draw one in QuPath or drop "
                              "--within-annotations")
@@ -259,7 +342,7 @@ class GeoJsonSource:
                 continue  # a region (e.g. a whole-image ROI), never a cell
             try:
                 found = self._cells(feat)
-            except (InputError, TypeError, ValueError, IndexError, AttributeError) as e:
+            except (InputError, *_MALFORMED) as e:
                 yield SourceFailure(where, f"{e}; fix or remove the feature", slide_id=slide_id)
                 continue
             for j, (cid, x, y, box, label, extra) in enumerate(found):
@@ -288,10 +371,14 @@ class GeoJsonSource:
             raise InputError("feature has no geometry")
         geom = feat["geometry"]
         props = feat.get("properties") or {}
+        if not isinstance(props, dict):
+            raise InputError(f"properties is a {type(props).__name__}, not an object")
         cls = props.get("classification") or {}
-        label = cls.get("name") if isinstance(cls, dict) else None
+        label = _label(cls.get("name") if isinstance(cls, dict) else None)
         extra = measurements(props)
         fid = feat.get("id") or props.get("id")
+        if fid is not None and (isinstance(fid, bool) or not isinstance(fid, (str, int))):
+            raise InputError(f"feature id {str(fid)[:40]!r} is not text or a whole number")
         if geom.get("type") == "MultiPoint":
             pts = _points(geom)
             if not pts:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Union
 
+from cytostore import limits
 from cytostore.errors import InputError
 from cytostore.keys import cell_uid, check_id
 
@@ -22,6 +23,7 @@ class SourceOptions:
     slide_id: str | None = None  # fixed slide id (folder of crops)
     labels_from_folders: bool = False  # parent folder name is the label (crops) or slide label (fields)
     detector: Any = None  # DetectorParams for fields and slides without coordinates
+    encoding: str = "utf8"  # text encoding of a CSV manifest (e.g. latin1); cells that are not text are failures
 
 
 @dataclass
@@ -111,9 +113,27 @@ def safe_slide_id(value: object, where: str) -> str:
 
 
 def image_files(root: Path, suffixes: set[str]) -> list[Path]:
-    """Files under ``root`` with one of ``suffixes``, sorted, hidden files left out."""
+    """Regular files under ``root`` with one of ``suffixes``, sorted, hidden files left out."""
     return sorted(
         p
         for p in root.rglob("*")
         if p.is_file() and p.suffix.lower() in suffixes and not any(s.startswith(".") for s in p.relative_to(root).parts)
     )
+
+
+def unreadable_entries(root: Path, suffixes: set[str]) -> list[SourceFailure]:
+    """A failure for each entry under ``root`` named like an image that is not a regular file
+    (a FIFO, a device, a socket, a broken link): never opened, since reading one can block forever."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() not in suffixes or any(s.startswith(".") for s in p.relative_to(root).parts):
+            continue
+        if p.is_file() or p.is_dir():
+            continue  # a folder named like an image is walked into, not read
+        try:
+            limits.regular_file(p, "image")
+            continue
+        except InputError as e:
+            reason = str(e) if p.exists() else f"{p}: is a link to nothing"
+        out.append(SourceFailure(str(p), f"{reason}; replace it with the image file", stage="read"))
+    return out

@@ -12,7 +12,7 @@ from cytostore.errors import InputError
 from cytostore.imaging import IMAGE_SUFFIXES, SLIDE_SUFFIXES
 from cytostore.keys import check_id
 from cytostore.sources.base import (CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions, absolute,
-                                    image_files, safe_slide_id, shard_of)
+                                    image_files, safe_slide_id, shard_of, unreadable_entries)
 
 
 CROP_SLIDE_FROM = ("auto", "parent", "path", "root", "fixed")
@@ -78,6 +78,8 @@ class CropFolderSource:
         return shard_of(self, index, count)
 
     def __iter__(self) -> Iterator[SourceItem]:
+        if self.shard_index == 0:
+            yield from unreadable_entries(self.root, IMAGE_SUFFIXES)
         for k, path in enumerate(image_files(self.root, IMAGE_SUFFIXES)):
             if k % self.shard_count != self.shard_index:
                 continue
@@ -130,6 +132,8 @@ class FieldFolderSource:
         return None if self.slides or self.root.is_file() else shard_of(self, index, count)
 
     def __iter__(self) -> Iterator[SourceItem]:
+        if self.root.is_dir() and self.shard_index == 0:
+            yield from unreadable_entries(self.root, self.suffixes)
         files = [self.root] if self.root.is_file() else image_files(self.root, self.suffixes)
         seen: dict[str, Path] = {}  # every shard lists every file, so a repeated slide id is found once
         for k, path in enumerate(files):

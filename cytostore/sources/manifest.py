@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cytostore import limits
 from cytostore.errors import InputError
 from cytostore.keys import DUPLICATE, KeySet, box_cell_id, cell_key_hash, check_id, position_cell_id
 from cytostore.sources.base import (CONTINUED, CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions,
@@ -37,12 +38,34 @@ def _num(value: Any) -> float | None:
     return out
 
 
+def _text(value: Any) -> Any:
+    """A cell read as bytes (a column with bytes that are not UTF-8) as text, or None when it is not UTF-8."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return value
+
+
+def _text_column(arr: pa.Array) -> tuple[pa.Array, pa.Array | None]:
+    """A column as text, and (for a binary column) the mask of cells that are not UTF-8."""
+    if not (pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)):
+        return arr, None
+    values = arr.to_pylist()
+    text = [_text(v) for v in values]
+    return pa.array(text, pa.string()), pa.array([v is not None and t is None for v, t in zip(values, text)])
+
+
 class ManifestSource:
     """Rows of ``image, slide_id`` with optional ``cell_id``, ``x,y`` or ``x0,y0,x1,y1``,
     ``label``, ``slide_label`` and extra columns (kept as columns of the cell table).
 
     A row with no coordinates means the image itself is the cell crop. Image paths
-    are made absolute against the manifest's folder. Rows are read in chunks of
+    are made absolute against the manifest's folder. A CSV is read as UTF-8 text
+    (``options.encoding`` names another encoding, e.g. ``latin1``); a row with a
+    cell that is not valid text in it becomes a failure naming the column, never
+    text spelled from its bytes. Rows are read in chunks of
     ``chunk_rows``; ``shard(i, n)`` reads only chunks i, i+n, ... A slide's cell ids
     carry the image's stem when the slide spans several images, which one streaming
     pass (``prepare``) finds, holding one entry per slide.
@@ -53,8 +76,17 @@ class ManifestSource:
     def __init__(self, path: str | Path, options: SourceOptions = SourceOptions()):
         self.path = Path(os.path.abspath(path))
         self.options = options
-        self.table = TableStream(self.path)
+        self.table = TableStream(self.path, encoding=options.encoding)
         names = self.table.schema.names
+        for k, name in enumerate(names):  # refused before anything is read further, or written
+            if not name.strip():
+                raise InputError(f"{self.path}: column #{k + 1} has an empty name; name it or delete it")
+            if len(name) > limits.MAX_COLUMN_NAME_LENGTH:
+                raise InputError(f"{self.path}: column #{k + 1} has a name of {len(name)} characters; at most "
+                                 f"{limits.MAX_COLUMN_NAME_LENGTH} (cytostore.limits.MAX_COLUMN_NAME_LENGTH)")
+            if name in names[:k]:
+                raise InputError(f"{self.path}: columns #{names.index(name) + 1} and #{k + 1} are both named "
+                                 f"{name!r}; rename one")
         if "image" not in names:
             raise InputError(f"{self.path}: needs an 'image' column; it has {names}")
         if "slide_id" not in names and options.slide_id is None:
@@ -71,7 +103,13 @@ class ManifestSource:
     def extra_schema(self) -> pa.Schema:
         """Arrow schema of the extra columns kept (settled over the whole file)."""
         extra = [f for f in self.table.settle() if f.name not in KNOWN]
-        return pa.schema([pa.field(f.name, pa.string() if pa.types.is_null(f.type) else f.type) for f in extra])
+        return pa.schema([pa.field(f.name, pa.string() if pa.types.is_null(f.type) or self._is_text(f) else f.type)
+                          for f in extra])
+
+    def _is_text(self, field: pa.Field) -> bool:
+        """Whether a binary column holds text (every CSV column, and the known columns of a Parquet file)."""
+        binary = pa.types.is_binary(field.type) or pa.types.is_large_binary(field.type)
+        return binary and (not self.table.parquet or field.name in KNOWN)
 
     def __len__(self) -> int:
         self.table.settle()
@@ -107,10 +145,14 @@ class ManifestSource:
         has_slide = "slide_id" in self.table.schema.names
         slides: dict[str, str | None] = {}
         for batch in self.table.batches(["image", "slide_id"] if has_slide else ["image"]):
-            image = pc.utf8_trim_whitespace(pc.cast(batch.column("image"), pa.string()))
-            sid = batch.column("slide_id") if has_slide else pa.nulls(batch.num_rows)
+            image, bad_image = _text_column(batch.column("image"))
+            image = pc.utf8_trim_whitespace(pc.cast(image, pa.string()))
+            sid, bad_slide = _text_column(batch.column("slide_id")) if has_slide else (pa.nulls(batch.num_rows), None)
             t = pa.table({"s": sid, "i": image})
-            t = t.filter(pc.and_(pc.is_valid(t["i"]), pc.not_equal(t["i"], "")))
+            keep = pc.and_(pc.is_valid(t["i"]), pc.not_equal(t["i"], ""))
+            for bad in (bad_image, bad_slide):  # rows that are not text become failures, not slides
+                keep = keep if bad is None else pc.and_(keep, pc.invert(bad))
+            t = t.filter(keep)
             g = t.group_by("s", use_threads=False).aggregate([("i", "min"), ("i", "max")])
             for s, lo, hi in zip(g["s"].to_pylist(), g["i_min"].to_pylist(), g["i_max"].to_pylist()):
                 try:
@@ -129,11 +171,11 @@ class ManifestSource:
 
     def _key_of(self, image_raw: Any, slide_raw: Any) -> tuple[str, str] | None:
         """(image path, slide id) of a row, or None when either is unusable."""
-        image = str(image_raw or "").strip()
+        image = str(_text(image_raw) or "").strip()
         if not image:
             return None
         try:
-            return self._image_path(image), check_id(self._slide_value(slide_raw))
+            return self._image_path(image), check_id(self._slide_value(_text(slide_raw)))
         except InputError:
             return None
 
@@ -163,9 +205,11 @@ class ManifestSource:
         keys_of_rows: list[tuple[str, str] | None] = []
         paths: dict[Any, tuple[str, str]] = {}  # raw image cell -> (absolute path, stem)
         slides: dict[Any, str] = {}  # raw slide cell -> checked slide id
+        binary = [f.name for f in chunk.schema if self._is_text(f)]
         for j, row in enumerate(chunk.to_pylist()):
             where = self._where(first + j)
             try:
+                self._decode(row, binary)
                 raw = row.get("image")
                 if raw not in paths:
                     image = str(raw or "").strip()
@@ -213,6 +257,20 @@ class ManifestSource:
             if labels is not None and labels[j] not in (None, ""):
                 g.label = str(labels[j])
         return groups, keys_of_rows[-1] if keys_of_rows else prev_key
+
+    def _decode(self, row: dict[str, Any], columns: list[str]) -> None:
+        """Turns the bytes of ``columns`` into text in place; InputError naming the first that is not text."""
+        for name in columns:
+            value = row.get(name)
+            if isinstance(value, bytes):
+                try:
+                    row[name] = value.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    pos = self.table.schema.names.index(name) + 1
+                    raise InputError(
+                        f"column {name!r} (#{pos}) is not {self.options.encoding} text: byte "
+                        f"0x{value[e.start]:02x} at {e.start} of {value[:60]!r}; save the file as UTF-8, or read "
+                        "it with its encoding (SourceOptions(encoding='latin1'), for instance)") from None
 
     def _record(self, row: dict[str, Any], stem: str, slide_id: str, multi_image: bool, where: str) -> CellRecord:
         x, y = _num(row.get("x")), _num(row.get("y"))

@@ -15,11 +15,13 @@ from typing import Iterator
 
 import pyarrow as pa
 
+from cytostore import limits
 from cytostore.errors import InputError
 
 CHUNK_ROWS = 1024  # rows per chunk: the unit a sharded manifest hands to one worker
 CSV_BLOCK_BYTES = 1 << 20  # bytes per CSV block read (pyarrow's default)
 _CONVERSION = re.compile(r"In CSV column #(\d+): CSV conversion error to [^:]+: invalid value '(.*)'", re.S)
+_NOT_UTF8 = re.compile(r"In CSV column #(\d+): CSV conversion error to (?:string|utf8): invalid UTF8")
 
 
 def read_table(path: Path) -> pa.Table:
@@ -33,19 +35,22 @@ class TableStream:
 
     Only the schema is read when it is made. CSV column types are guessed from
     the first block; ``settle`` streams the file once and widens a column
-    (integer -> float -> text) where a later block does not fit, as a whole-file
-    read would have typed it, so the same cell reads the same in every pass.
+    (integer -> float -> text -> binary, the last for bytes that are not UTF-8
+    text) where a later block does not fit, as a whole-file read would have typed
+    it, so the same cell reads the same in every pass.
     """
 
-    def __init__(self, path: str | Path, block_bytes: int = CSV_BLOCK_BYTES):
+    def __init__(self, path: str | Path, block_bytes: int = CSV_BLOCK_BYTES, encoding: str = "utf8"):
         self.path = Path(path)
         self.block_bytes = block_bytes
+        self.encoding = encoding  # CSV text encoding; bytes that are not UTF-8 make a column binary
         suffix = self.path.suffix.lower()
         if suffix not in {".parquet", ".csv", ".tsv", ".txt"}:
             raise InputError(f"{self.path}: unknown table format {suffix!r}; use .csv, .tsv or .parquet")
         self.parquet = suffix == ".parquet"
         self.delimiter = "\t" if suffix == ".tsv" else ","
         self.settled = self.parquet
+        limits.regular_file(self.path, "table")
         try:
             if self.parquet:
                 import pyarrow.parquet as pq
@@ -58,12 +63,15 @@ class TableStream:
                 self.schema = reader.schema
                 reader.close()
                 self.num_rows = None
-        except (pa.ArrowInvalid, OSError) as e:
+        except (pa.ArrowException, OSError, LookupError) as e:
             raise InputError(f"{self.path}: cannot be read as a table ({e})") from e
+        if len(self.schema) > limits.MAX_MANIFEST_COLUMNS:
+            raise InputError(f"{self.path}: has {len(self.schema):,} columns; at most {limits.MAX_MANIFEST_COLUMNS:,} "
+                             "are read (cytostore.limits.MAX_MANIFEST_COLUMNS): drop the columns you do not need")
 
     def settle(self) -> pa.Schema:
         """Streams a CSV once to fix its column types (and count its rows); returns the schema."""
-        for _ in range(3 * len(self.schema) + 1):
+        for _ in range(4 * len(self.schema) + 1):
             if self.settled:
                 return self.schema
             rows = 0
@@ -73,6 +81,8 @@ class TableStream:
             except pa.ArrowInvalid as e:
                 self.schema = self._widen(e)
                 continue
+            except pa.ArrowException as e:
+                raise InputError(f"{self.path}: cannot be read as a table ({e})") from e
             self.settled, self.num_rows = True, rows
         raise InputError(f"{self.path}: column types do not settle; check the file's quoting")  # pragma: no cover
 
@@ -114,7 +124,8 @@ class TableStream:
         from pyarrow import csv
 
         convert = csv.ConvertOptions(column_types=column_types, include_columns=columns)
-        return csv.open_csv(self.path, read_options=csv.ReadOptions(block_size=self.block_bytes),
+        read = csv.ReadOptions(block_size=self.block_bytes, encoding=self.encoding)
+        return csv.open_csv(self.path, read_options=read,
                             parse_options=csv.ParseOptions(delimiter=self.delimiter), convert_options=convert)
 
     def _csv_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
@@ -126,6 +137,12 @@ class TableStream:
             yield from reader
 
     def _widen(self, err: pa.ArrowInvalid) -> pa.Schema:
+        bad = _NOT_UTF8.search(str(err))
+        if bad:  # bytes that are not UTF-8 in a later block: binary, as a whole-file read types it
+            i = int(bad.group(1))
+            if self.schema.field(i).type == pa.binary():
+                raise InputError(f"{self.path}: cannot be read as a table ({err})") from err
+            return self.schema.set(i, pa.field(self.schema.field(i).name, pa.binary()))
         m = _CONVERSION.search(str(err))
         if not m:
             raise InputError(f"{self.path}: cannot be read as a table ({err})") from err
