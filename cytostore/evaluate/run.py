@@ -12,7 +12,7 @@ import numpy as np
 from cytostore.errors import InputError, StoreError
 from cytostore.evaluate import probes
 from cytostore.evaluate.splits import (GroupEpisodes, check_groups, content_hash, file_hash,
-                                       merge_duplicate_groups, sample_cross_group_episodes)
+                                       merge_duplicate_groups, sample_cross_group_episodes, stored_hashes)
 from cytostore.fewshot.prototypes import PrototypeConfig, Whitening
 from cytostore.fewshot.tables import as_store, stats_for
 from cytostore.store import CellStore
@@ -120,15 +120,20 @@ def _rows_for(store: CellStore, table: str, uids: np.ndarray, columns: list[str]
 
 def find_duplicates(store: CellStore, table: str, cells: dict[str, np.ndarray], config: EvalConfig):
     """Thumbnail hashes of each cell and file hashes of each group's source images, merged."""
-    rows = _rows_for(store, table, cells["uid"], ["thumbnail", "image"], config.label)
-    hashes = [content_hash(b) if b else None for b in rows.column("thumbnail").to_pylist()]
+    stored = [c for c in ("content_hash", "image_hash") if c in store.dataset(table).schema.names]
+    rows = _rows_for(store, table, cells["uid"], ["thumbnail", "image", *stored], config.label)
+    # The crop hashes written at ingest when every compared cell has one, else the thumbnails'.
+    hashes = stored_hashes(rows, "content_hash")
+    by_crop = hashes is not None
+    hashes = hashes or [content_hash(b) if b else None for b in rows.column("thumbnail").to_pylist()]
     images: dict[str, set[bytes]] = {}
     unreadable = 0
     if config.hash_images:
         paths: dict[str, set[str]] = {}
         for g, p in zip(cells["group"].tolist(), rows.column("image").to_pylist()):
             paths.setdefault(g, set()).add(p)
-        cache: dict[str, bytes | None] = {}
+        cache: dict[str, bytes | None] = dict(zip(rows.column("image").to_pylist(),
+                                                  stored_hashes(rows, "image_hash") or []))
         for g, ps in paths.items():
             for p in ps:
                 if p not in cache:
@@ -140,6 +145,7 @@ def find_duplicates(store: CellStore, table: str, cells: dict[str, np.ndarray], 
     dedup = merge_duplicate_groups(cells["group"], hashes, images)
     dedup.report["source_images_hashed"] = sum(len(v) for v in images.values())
     dedup.report["source_images_unreadable"] = unreadable
+    dedup.report["cell_hash"] = "content_hash (crop pixels, stored at ingest)" if by_crop else "thumbnail"
     return dedup
 
 

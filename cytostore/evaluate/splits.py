@@ -68,6 +68,14 @@ class Dedup:
     report: dict[str, Any]  # counts of what was found and merged, for the output
 
 
+def stored_hashes(rows, column: str) -> list[bytes] | None:
+    """The int64 hashes of ``column`` (``content_hash``/``image_hash`` written at ingest) as bytes,
+    or None when the column is absent or null in any row (older rows: hash what is stored instead)."""
+    if column not in rows.column_names or rows.column(column).null_count:
+        return None
+    return [int(v).to_bytes(8, "little", signed=True) for v in rows.column(column).to_pylist()]
+
+
 def merge_duplicate_groups(groups: Sequence[str], cell_hashes: Sequence[bytes | None] | None = None,
                            group_image_hashes: dict[str, set[bytes]] | None = None,
                            max_groups_per_hash: int = MAX_GROUPS_PER_HASH) -> Dedup:

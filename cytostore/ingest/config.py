@@ -69,7 +69,8 @@ def with_cell_options(config: IngestConfig, encoder, store):
         from cytostore import stain as stain_mod
         from cytostore.store import table_name_for
 
-        encoder.name = f"{encoder.name}_{config.stain}"  # the default table name says so
+        encoder = encoder.load() if hasattr(encoder, "load") else encoder
+        encoder = dataclasses.replace(encoder, name=f"{encoder.name}_{config.stain}")  # the default table name
         table = table_name_for(config.table or encoder.name)
         stored = store.provenance(table).get("identity") if store.has_table(table) else None
         stain = stain_mod.resolve(config.stain, config.stain_reference, store, table, stored)
