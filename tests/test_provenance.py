@@ -57,7 +57,9 @@ def test_other_precision_is_refused_and_nothing_is_written(tiny_weights, tmp_pat
     store = tmp_path / "store"
     ingest(open_source(_manifest(tmp_path, "a", rows[:8])), store, _tiny(tiny_weights))
     prov = CellStore.open(store).provenance()
-    assert prov["identity"]["compute"] == {"device": "cpu", "precision": "fp32", "runtime": "torch"}
+    # The default runtime on a CPU is ONNX Runtime (docs/runtime.md).
+    assert prov["identity"]["compute"] == {"device": "cpu", "precision": "fp32",
+                                           "runtime": resolve_compute("cpu", "auto", runtime="onnx")["runtime"]}
     assert prov["identity_sha256"] == identity_sha256(prov["identity"])
     version = CellStore.open(store).dataset().version
     # bf16 rows (what a GPU's "auto" gives) may not join an fp32 table: simulated on the CPU.
