@@ -369,3 +369,14 @@ def test_two_files_naming_one_key_are_a_key_failure(tmp_path, tiny_weights, make
     assert len(_rows(tmp_path / "st", "slide_id", "cell_id")) == 1
     (fail,) = _failures(tmp_path / "st")
     assert fail["stage"] == "key" and "came twice" in fail["reason"]
+
+
+def test_manifest_labels_that_look_like_numbers_keep_their_text(tmp_path):
+    img = _field(tmp_path / "f.png")
+    csv = tmp_path / "m.csv"
+    csv.write_text("image,slide_id,x,y,label,slide_label\n"
+                   + "".join(f"{img},s1,{10 + i},20,{lab},{lab}\n" for i, lab in enumerate(["007", "1.50", "1e3", "NA"])))
+    cells, fails = [], []
+    for item in ManifestSource(csv):
+        (fails.append(item) if hasattr(item, "reason") else cells.extend(item.cells))
+    assert not fails and [c.label for c in cells] == ["007", "1.50", "1e3", "NA"]

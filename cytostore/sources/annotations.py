@@ -233,7 +233,9 @@ def _features(path: Path) -> list[Any]:
         raise InputError(f"cannot read it ({e})") from e
     if isinstance(data, dict) and data.get("type") == "Feature":
         return [data]
-    feats = data.get("features", []) if isinstance(data, dict) else data
+    if isinstance(data, dict) and "features" not in data:
+        raise InputError("neither a GeoJSON Feature nor a FeatureCollection (no 'features' list); export it again")
+    feats = data["features"] if isinstance(data, dict) else data
     if not isinstance(feats, list):
         raise InputError(f"'features' is a {type(feats).__name__}, not a list of GeoJSON features")
     return feats

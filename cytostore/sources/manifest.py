@@ -21,6 +21,7 @@ from cytostore.sources.base import (CONTINUED, CellRecord, ImageTask, SourceFail
 from cytostore.sources.tables import CHUNK_ROWS, TableStream, read_table
 
 KNOWN = {"image", "slide_id", "cell_id", "x", "y", "x0", "y0", "x1", "y1", "label", "slide_label"}
+TEXT_COLUMNS = ("label", "slide_label")  # read from a CSV as text, never as numbers
 GROUP_MAX = 1024  # most rows of one image gathered into one task (planning splits it further)
 
 __all__ = ["KNOWN", "ManifestSource", "read_table"]
@@ -76,7 +77,9 @@ class ManifestSource:
     def __init__(self, path: str | Path, options: SourceOptions = SourceOptions()):
         self.path = Path(os.path.abspath(path))
         self.options = options
-        self.table = TableStream(self.path, encoding=options.encoding)
+        # Labels are text ("007" stays "007"); ids keep the types they were always read with, so the
+        # keys of stores written before are unchanged.
+        self.table = TableStream(self.path, encoding=options.encoding, text_columns=TEXT_COLUMNS)
         names = self.table.schema.names
         for k, name in enumerate(names):  # refused before anything is read further, or written
             if not name.strip():

@@ -40,8 +40,10 @@ class TableStream:
     it, so the same cell reads the same in every pass.
     """
 
-    def __init__(self, path: str | Path, block_bytes: int = CSV_BLOCK_BYTES, encoding: str = "utf8"):
+    def __init__(self, path: str | Path, block_bytes: int = CSV_BLOCK_BYTES, encoding: str = "utf8",
+                 text_columns: tuple[str, ...] = ()):
         self.path = Path(path)
+        self.text_columns = text_columns  # CSV columns always read as text, never typed as numbers
         self.block_bytes = block_bytes
         self.encoding = encoding  # CSV text encoding; bytes that are not UTF-8 make a column binary
         suffix = self.path.suffix.lower()
@@ -62,6 +64,9 @@ class TableStream:
                 reader = self._csv(None)
                 self.schema = reader.schema
                 reader.close()
+                for i, f in enumerate(self.schema):  # the later passes read them with these types
+                    if f.name in text_columns and not pa.types.is_binary(f.type):
+                        self.schema = self.schema.set(i, pa.field(f.name, pa.string()))
                 self.num_rows = None
         except (pa.ArrowException, OSError, LookupError) as e:
             raise InputError(f"{self.path}: cannot be read as a table ({e})") from e
@@ -123,7 +128,8 @@ class TableStream:
     def _csv(self, column_types: pa.Schema | None, columns: list[str] | None = None):
         from pyarrow import csv
 
-        convert = csv.ConvertOptions(column_types=column_types, include_columns=columns)
+        convert = csv.ConvertOptions(column_types=column_types, include_columns=columns,
+                                     strings_can_be_null=False)
         read = csv.ReadOptions(block_size=self.block_bytes, encoding=self.encoding)
         return csv.open_csv(self.path, read_options=read,
                             parse_options=csv.ParseOptions(delimiter=self.delimiter), convert_options=convert)
