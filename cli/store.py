@@ -12,7 +12,7 @@ from cli.common import emit_json, fail, handle_errors
 from cytostore.errors import InputError
 from cytostore.store import CellStore, maintenance
 
-store_app = typer.Typer(help="Keep a store small and tidy: optimize, gc, delete cells, list pins.",
+store_app = typer.Typer(help="Keep a store small, tidy and sound: optimize, gc, delete cells, list pins, check data files.",
                         no_args_is_help=True)
 
 StoreArg = Annotated[Path, typer.Option("--store", "-s", help="Store folder.")]
@@ -93,3 +93,40 @@ def pins_cmd(store: StoreArg, as_json: JsonArg = False) -> None:
         typer.echo("no pinned versions")
     for p in out["pins"]:
         typer.echo(f"{p['kind']} {p['name'] or ''} version {p['version']}: pinned by {p['holder']}")
+
+
+@store_app.command("check")
+def check_cmd(
+    store: StoreArg,
+    table: Annotated[Optional[str], typer.Option(help="One cell table; default all.")] = None,
+    drop_damaged: Annotated[bool, typer.Option("--drop-damaged", help="Remove the fragments of damaged or missing "
+                                               "files (their rows) so the table reads again; then re-run the "
+                                               "ingest, which re-embeds only the cells that are gone.")] = False,
+    as_json: JsonArg = False,
+) -> None:
+    """Verify every data file against the checksum recorded when it was written.
+
+    Exit 0 when every file checks out (files written before checksums existed are listed as
+    unverified), 1 when a file is missing or damaged (named, with its rows, slides and the fix).
+    """
+    with handle_errors():
+        out = maintenance.check(CellStore.open(store), table, drop_damaged)
+    if as_json:
+        emit_json(out)
+    else:
+        for t in out["tables"]:
+            state = "DAMAGED" if t["damaged"] else "ok"
+            typer.echo(f"table {t['table']}: {state}: {t['verified']} of {t['files']} data files verified, "
+                       f"{t['unverified']} without a checksum, {len(t['damaged'])} damaged")
+            for d in t["damaged"]:
+                slides = d.get("slides")
+                typer.echo(f"  {d['file']}: {d['problem']}; {d.get('rows')} rows of slide(s) "
+                           f"{', '.join(slides[:10]) + (' ...' if len(slides) > 10 else '') if slides else 'unknown'}")
+            if t.get("note"):
+                typer.echo(f"  note: {t['note']}")
+            if "dropped_rows" in t:
+                typer.echo(f"  dropped {t['dropped_rows']} rows of the damaged fragments; run the same ingest again")
+            elif t.get("fix"):
+                typer.echo(f"  fix: {t['fix']}")
+    if out["damaged"]:
+        raise typer.Exit(1)

@@ -22,6 +22,7 @@ from cytostore.index import (BoundIndex, as_store, faiss_module, load_index, pre
 from cytostore.keys import cell_uid
 from cytostore.search_montage import montage, montage_size  # noqa: F401  (re-exported: cytostore.search.montage)
 from cytostore.store import CellStore
+from cytostore.store.check import names_missing_files
 from cytostore.store.filters import check_where
 
 EXACT_SUBSET = 20_000  # a filter matching at most this many cells is searched exactly
@@ -233,6 +234,7 @@ def _uids_where(bound: BoundIndex, where: str) -> np.ndarray:
     return t.column("uid").to_numpy().astype(np.int64)
 
 
+@names_missing_files
 def run_search(store: CellStore | str | Path, slide_id: str | None = None, cell_id: str | None = None, *,
                image: str | Path | None = None, x: float | None = None, y: float | None = None,
                vector: np.ndarray | str | Path | None = None, k: int = 10, where: str | None = None,

@@ -183,3 +183,90 @@ def test_a_mil_model_with_fewer_classes_than_outputs_is_refused(small_store, tmp
                               "--device", "cpu"])
     assert res.exit_code == 2, res.output  # before: exit 0, the third class silently dropped
     assert "config.json names 2 classes" in res.output and "3 outputs" in res.output
+
+
+# -- damaged files: checksums, `store check`, typed errors ---------------------------------
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory, tiny_weights, small_manifest) -> Path:
+    """The small manifest (360 cells) ingested with the tiny encoder in commits of 100 rows (read-only)."""
+    path = tmp_path_factory.mktemp("tiny") / "store"
+    res = runner.invoke(app, tiny_ingest(small_manifest, path, tiny_weights))
+    assert res.exit_code == 0, res.output
+    return path
+
+
+def tiny_ingest(manifest: Path, store: Path, weights: Path, *extra: str) -> list[str]:
+    from conftest import TINY
+
+    return ["ingest", str(manifest), "--store", str(store), "--encoder", TINY, "--weights", str(weights),
+            "--device", "cpu", "--batch-size", "32", "--commit-rows", "100", "--json", *extra]
+
+
+def data_files(store: Path) -> list[Path]:
+    import lance
+
+    uri = next(store.glob("cells.*.lance"))
+    return [uri / "data" / f.path for fr in lance.dataset(str(uri)).get_fragments() for f in fr.metadata.files]
+
+
+def _check(store: Path, *extra: str) -> tuple[int, dict]:
+    res = runner.invoke(app, ["store", "check", "--store", str(store), "--json", *extra])
+    return res.exit_code, json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_store_check_names_damaged_files_and_their_slides_and_a_rerun_repairs_them(tiny_store, tiny_weights,
+                                                                                   small_manifest, tmp_path):
+    store = tmp_path / "s"
+    shutil.copytree(tiny_store, store)
+    code, out = _check(store)
+    assert code == 0 and out["damaged"] == 0 and out["verified"] == len(data_files(store)) == 4
+    flipped, cut, gone = data_files(store)[:3]
+    gone.unlink()
+    # A missing data file is a typed error naming the file and `store check`, not a traceback (exit 3).
+    res = runner.invoke(app, ["search", "--store", str(store), "--slide", "chula-1", "--cell", "0"])
+    assert res.exit_code == 2 and gone.name in res.output and f"store check --store {store}" in res.output
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped bit pattern, same size
+    flipped.write_bytes(bytes(raw))
+    cut.write_bytes(cut.read_bytes()[:-100])
+    code, out = _check(store)
+    assert code == 1 and out["damaged"] == 3
+    problems = {Path(d["file"]).name: d for d in out["tables"][0]["damaged"]}
+    assert "corrupted" in problems[flipped.name]["problem"] and "truncated" in problems[cut.name]["problem"]
+    assert problems[gone.name]["problem"] == "missing" and problems[gone.name]["rows"] == 100
+    assert all(d["slides"] for d in problems.values()) and "--drop-damaged" in out["tables"][0]["fix"]
+    res = runner.invoke(app, ["index", "build", "--store", str(store), "--quiet"])
+    assert res.exit_code == 2 and "store check" in res.output  # a truncated file: typed too
+    code, out = _check(store, "--drop-damaged")
+    assert code == 1 and out["tables"][0]["dropped_rows"] == 300
+    assert CellStore.open(store).count() == 60
+    res = runner.invoke(app, tiny_ingest(small_manifest, store, tiny_weights))
+    assert res.exit_code == 0 and json.loads(res.stdout.strip().splitlines()[-1])["cells_added"] == 300
+    assert _check(store)[0] == 0
+    a, b = CellStore.open(store).embeddings(), CellStore.open(tiny_store).embeddings()
+    oa, ob = np.argsort(a[1].column("uid").to_numpy()), np.argsort(b[1].column("uid").to_numpy())
+    assert np.array_equal(np.asarray(a[0])[oa], np.asarray(b[0])[ob])  # the same cells, bit-identical
+
+
+def test_a_table_written_before_checksums_is_unverified_not_damaged(tiny_store, tmp_path):
+    store = tmp_path / "s"
+    shutil.copytree(tiny_store, store)
+    next(store.glob("checksums.*.jsonl")).unlink()
+    code, out = _check(store)
+    assert code == 0 and out["unverified"] == 4 and out["damaged"] == 0
+    assert "no recorded checksum" in out["tables"][0]["note"]
+
+
+def test_an_index_sidecar_missing_a_key_is_a_typed_error(tiny_store, tmp_path):
+    store = tmp_path / "s"
+    shutil.copytree(tiny_store, store)
+    assert runner.invoke(app, ["index", "build", "--store", str(store), "--quiet"]).exit_code == 0
+    side = next((store / "indexes").iterdir()) / "sidecar.json"
+    data = json.loads(side.read_text())
+    del data["uid_digest"]
+    side.write_text(json.dumps(data))
+    for args in (["search", "--store", str(store), "--slide", "chula-1", "--cell", "0"],
+                 ["index", "verify", "--store", str(store)]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, res.output  # before: KeyError, exit 3
+        assert "uid_digest (missing)" in res.output and "index build" in res.output

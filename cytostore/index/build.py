@@ -18,12 +18,14 @@ from cytostore.index.files import (FORMAT_VERSION, INDEX_FILE, as_store, file_sh
                                    same_table, schema_provenance, stable_row_ids, table_dim, table_id, update_command,
                                    write_files)
 from cytostore.store import CellStore, embedding_matrix
+from cytostore.store.check import names_missing_files
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+@names_missing_files
 def build_index(store: CellStore | str | Path, encoder: str | None = None, kind: str = "auto", device: str = "cpu",
                 params: IndexParams | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Builds the index of a cell table and writes it with its sidecar; pins the indexed table version.
@@ -126,6 +128,7 @@ def read_sidecar(store: CellStore | str | Path, encoder: str | None = None) -> d
     return read_sidecar_at(index_dir(store, store.resolve(encoder)))
 
 
+@names_missing_files
 def update_index(store: CellStore | str | Path, encoder: str | None = None,
                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Adds the rows appended since the build to the index in place and removes deleted or changed ones.
@@ -232,6 +235,7 @@ def _vectors(ds, d: dict, part: np.ndarray, start: int, metric: str) -> np.ndarr
     return prepare(embedding_matrix(t.column("embedding")), metric)
 
 
+@names_missing_files
 def verify_index(store: CellStore | str | Path, encoder: str | None = None) -> dict[str, Any]:
     """Says whether a table's index matches the table, and what is stale or broken if not.
 

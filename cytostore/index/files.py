@@ -137,9 +137,33 @@ def read_sidecar_at(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        sidecar = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise StoreError(f"{path} is unreadable ({e}); rebuild with `cytostore index build`") from e
+    check_sidecar(sidecar, path)
+    return sidecar
+
+
+# What every reader of a sidecar relies on, and the type it must have.
+REQUIRED = {"table_version": int, "rows": int, "dim": int, "kind": str, "metric": str, "uid_digest": str,
+            "built_at": str, "encoder": dict, "params": dict}
+REQUIRED_PARAMS = {"ivf-pq": ("nprobe", "nlist", "rerank", "factory"), "hnsw": ("ef_search", "factory"),
+                   "flat": ("factory",)}
+
+
+def check_sidecar(sidecar: Any, path: Path) -> None:
+    """Raises StoreError naming what a sidecar lacks (a hand-edited, damaged or foreign file)."""
+    fix = f"rebuild the index with `cytostore index build --store {path.parent.parent.parent}`"
+    if not isinstance(sidecar, dict):
+        raise StoreError(f"{path} is not an index sidecar (a JSON object); {fix}")
+    problems = [f"{k} (missing)" if k not in sidecar else f"{k} (not {t.__name__})"
+                for k, t in REQUIRED.items() if k not in sidecar or not isinstance(sidecar[k], t)
+                or (t is int and isinstance(sidecar[k], bool))]
+    if not problems:
+        problems = [f"params.{k} (missing)" for k in REQUIRED_PARAMS.get(sidecar["kind"], ())
+                    if k not in sidecar["params"]]
+    if problems:
+        raise StoreError(f"index sidecar {path} lacks or mistypes {', '.join(problems)}; {fix}")
 
 
 def build_key(sidecar: dict) -> str:

@@ -13,6 +13,7 @@ from cytostore.errors import InputError, StoreError
 from cytostore.mil.artifacts import MILModel, check_features, load_model
 from cytostore.mil.bags import BagSet, slides_filter, sql_quote, store_slides
 from cytostore.store import CellStore
+from cytostore.store.check import names_missing_files
 
 
 def _open(store_path: str | Path, model_dir: str | Path, table: str | None) -> tuple[CellStore, str, MILModel]:
@@ -92,6 +93,7 @@ def predict(store_path: str | Path, model_dir: str | Path, where: str | None = N
         return _predict(store_path, model_dir, where, table, device, cache_bytes)
 
 
+@names_missing_files
 def _predict(store_path, model_dir, where, table, device, cache_bytes) -> Predictions:
     import torch
 

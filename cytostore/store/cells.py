@@ -15,6 +15,7 @@ import pyarrow as pa
 from cytostore.errors import StoreError
 from cytostore.keys import KeySet, UidSet, key_hashes
 from cytostore.store import layout, schema
+from cytostore.store.check import readable
 from cytostore.store.filters import check_where
 from cytostore.store.layout import MARKER, is_uri as _is_uri
 
@@ -158,7 +159,9 @@ class CellStore:
     # -- reading ---------------------------------------------------------------
     def count(self, encoder: str | None = None, where: str | None = None) -> int:
         """Number of cells in a table (matching ``where`` when given)."""
-        return self.dataset(encoder).count_rows(filter=check_where(where) or None)
+        where = check_where(where) or None
+        with readable(self.root):
+            return self.dataset(encoder).count_rows(filter=where)
 
     def cells(self, columns: Sequence[str] | None = None, where: str | None = None,
               encoder: str | None = None) -> pa.Table:
@@ -177,12 +180,13 @@ class CellStore:
         missing = [c for c in columns if c not in ds.schema.names]
         if missing:
             raise StoreError(f"no column(s) {missing} in table {self.resolve(encoder)!r}; it has {ds.schema.names}")
-        try:
-            return ds.to_table(columns=list(columns), filter=where)
-        except Exception as e:
-            if where:
-                raise StoreError(f"cannot apply filter {where!r}: {e}") from e
-            raise
+        with readable(self.root):
+            try:
+                return ds.to_table(columns=list(columns), filter=where)
+            except Exception as e:
+                if where and "not found" not in str(e).lower():
+                    raise StoreError(f"cannot apply filter {where!r}: {e}") from e
+                raise
 
     def frame(self, columns: Sequence[str] | None = None, where: str | None = None, encoder: str | None = None):
         """Cells as a polars DataFrame (same arguments as ``cells``).
@@ -226,10 +230,16 @@ class CellStore:
         import lance
 
         ds = lance.dataset(self._uri(CELLS_PREFIX + table))
-        col = ds.to_table(columns=["uid"]).column("uid")
+        with readable(self.root):
+            col = ds.to_table(columns=["uid"]).column("uid")
         return UidSet(col.to_numpy())
 
     def stored_keys(self, table: str) -> KeySet:
+        """The (uid, key hash) pairs already in a table; see ``_stored_keys``."""
+        with readable(self.root):
+            return self._stored_keys(table)
+
+    def _stored_keys(self, table: str) -> KeySet:
         """The (uid, key hash) pairs already in a table (16 bytes per cell), to tell a
         stored cell from a uid collision. Rows without a key hash (layout 1) get it
         computed from their slide_id and cell_id."""
@@ -263,6 +273,10 @@ class CellStore:
 
     def info(self) -> dict[str, Any]:
         """A summary: cells, slides, tables with their provenance, failures."""
+        with readable(self.root):
+            return self._info()
+
+    def _info(self) -> dict[str, Any]:
         tables = []
         slides: set[str] = set()
         cells = 0

@@ -69,6 +69,8 @@ def optimize(store: CellStore, encoder: str | None = None, grace: dt.timedelta =
         try:
             before = table_stats(uri)
             compacted = compact(uri, CommitPolicy().commit_rows, None)
+            if compacted:
+                writer.record_checksums()
             removed = cleanup(uri, grace)
             after = table_stats(uri)
         finally:
@@ -228,3 +230,32 @@ def list_pins(store: CellStore) -> dict[str, Any]:
         for holder, version in sorted(pins.pins(uri).items()):
             rows.append({"kind": kind, "name": name, "version": version, "holder": holder})
     return {"store": store.root, "pins": rows}
+
+
+def check(store: CellStore, table: str | None = None, drop_damaged: bool = False) -> dict[str, Any]:
+    """`cytostore store check`: verifies the data files against their checksums (``cytostore.store.check``).
+
+    Args:
+        store: the store.
+        table: one cell table; default every one.
+        drop_damaged: also remove the fragments of damaged files in one commit per table (under its
+            writer lock), so that the table reads again and a re-run of the ingest re-embeds those cells.
+
+    Returns:
+        ``cytostore.store.check.verify``'s report; with ``drop_damaged``, per table ``dropped_rows``.
+    """
+    from cytostore.store.check import drop_damaged as drop, verify
+
+    report = verify(store, table)
+    if not drop_damaged:
+        return report
+    for t in report["tables"]:
+        ids = sorted({d["fragment"] for d in t["damaged"] if "fragment" in d})
+        if not ids:
+            continue
+        writer = CellWriter(store, t["table"])
+        try:
+            t["dropped_rows"] = drop(store, t["table"], ids)
+        finally:
+            writer.release()
+    return report

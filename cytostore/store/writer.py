@@ -24,6 +24,7 @@ import pyarrow as pa
 from cytostore.errors import StoreError
 from cytostore.store import layout, schema
 from cytostore.store.cells import CELLS_PREFIX, TABLE_ID_KEY, CellStore, conform
+from cytostore.store.check import ChecksumLog
 from cytostore.store.filters import check_where
 from cytostore.store.lock import WriterLock
 
@@ -80,6 +81,8 @@ class CellWriter:
         self._last_commit = clock()
         self._hooks: list[Callable[[int], None]] = []
         self._evolved_from: int | None = None  # version before columns were added, until rows follow them
+        # Checksums of the data files each commit adds (`cytostore store check`); local stores only.
+        self.checksums = None if layout.is_uri(store.root) else ChecksumLog(store.root, self.table)
         if self.exists():
             self.schema = self._dataset().schema
             self._adopt_unnamed()
@@ -268,6 +271,7 @@ class CellWriter:
             raise
         if n:
             self._evolved_from = None
+            self.record_checksums()
         self._last_commit = self.clock()
         if n:
             self.commits += 1
@@ -288,6 +292,10 @@ class CellWriter:
                                  enable_stable_row_ids=True)
         ds.update_config({TABLE_ID_KEY: uuid.uuid4().hex})
 
+    def record_checksums(self) -> int:
+        """Records the checksums of the data files not yet recorded (after a commit or compaction)."""
+        return self.checksums.record(self._dataset()) if self.checksums is not None else 0
+
     # -- upkeep ------------------------------------------------------------------
     def maintain(self, force: bool = False) -> dict[str, Any]:
         """Compacts when enough small fragments piled up, then removes old unpinned versions.
@@ -298,6 +306,8 @@ class CellWriter:
         """
         min_fragments = 2 if force else self.policy.compact_min_fragments
         out = {"compacted": compact(self.uri, self.policy.commit_rows, min_fragments)}
+        if out["compacted"]:
+            self.record_checksums()
         out["cleanup"] = cleanup(self.uri, self.policy.grace)
         return out
 
