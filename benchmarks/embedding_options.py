@@ -166,10 +166,14 @@ def main() -> None:
     ap.add_argument("--mil-store", default=None, help="a chula-rbc-diseases store with an efficientnet_lite0 table")
     ap.add_argument("--mil-models", nargs="+", default=["mean", "abmil"])
     ap.add_argument("--mil-epochs", type=int, default=100)
+    ap.add_argument("--mil-only", action="store_true", help="only the --mil-store check")
     args = ap.parse_args()
     work = Path(args.work)
     store, logs = work / "store", work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    if args.mil_only:
+        print(json.dumps({"mil": mil_risk(args, logs)}, default=str))
+        return
     if not store.exists():
         shutil.copytree(REPO / args.source, store)
     speeds = ingest_all(args, store, logs)
