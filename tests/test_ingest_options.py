@@ -117,6 +117,20 @@ def test_multilayer_dim_identity_and_refusals(tmp_path, manifest, tiny_weights, 
         _ingest(few, store, tiny_weights, tta=3, table="other")
 
 
+def test_option_values_are_checked_before_the_store_is_touched(tmp_path):
+    from cytostore import stain
+    from cytostore.encoders import features
+
+    for kw in ({"features": "pooled"}, {"tta": 2}, {"stain": "vahadane"}):
+        with pytest.raises(InputError):
+            IngestConfig(**kw)
+    for f in features.FEATURES:
+        for t in features.TTA:
+            IngestConfig(features=f, tta=t)
+    for m in stain.METHODS:
+        IngestConfig(stain=m)
+
+
 def test_morphometrics_of_a_disk_of_known_radius():
     from cytostore.morphometrics import COLUMNS, measure
 

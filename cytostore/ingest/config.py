@@ -41,6 +41,16 @@ class IngestConfig:
     stain_reference: Any = None  # reference: an image path, None (a sample of the store's thumbnails) or stats
     morphometrics: bool = False  # morph_* columns (size, shape, pallor, colour) from each crop
 
+    def __post_init__(self) -> None:
+        # The cell options, checked before anything is touched (the same lists as features.FEATURES/TTA, stain.METHODS).
+        from cytostore.errors import InputError
+
+        for what, value, allowed in (("--features", self.features, ("final", "multilayer")),
+                                     ("--tta", self.tta, (1, 4, 8)),
+                                     ("--stain", self.stain, ("none", "reinhard", "macenko"))):
+            if value not in allowed:
+                raise InputError(f"unknown {what} {value!r}; use one of {', '.join(map(str, allowed))}")
+
     def crop_hooks(self) -> dict[str, Any]:
         """The CropSpec fields of the cell options (after ``with_cell_options`` resolved the stain reference)."""
         stain = self.stain_reference if self.stain != "none" and isinstance(self.stain_reference, dict) else None
