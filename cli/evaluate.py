@@ -26,10 +26,17 @@ def evaluate_cmd(
                                                    "images (local files).")] = True,
     markdown: Annotated[Optional[Path], typer.Option(help="Also write the table as Markdown to FILE.")] = None,
     png: Annotated[Optional[Path], typer.Option(help="Also draw the figures as a bar chart into FILE.png.")] = None,
+    save: Annotated[bool, typer.Option("--save/--no-save",
+                                       help="Store each table's figures in the store (evaluations/TABLE.json), "
+                                            "shown by `cytostore encoders list`.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on standard error.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")] = False,
 ) -> None:
-    """Linear probe, k-NN, cross-slide few-shot, precision@10 and slide-of-origin per encoder table."""
+    """Linear probe, k-NN, cross-slide few-shot, precision@10 and slide-of-origin per encoder table.
+
+    A table made by an encoder trained with labels (`encoders train --labels`) is scored, with every
+    table compared to it, only on the slides that encoder never saw.
+    """
     from cytostore.evaluate import EvalConfig, evaluate
     from cytostore.evaluate import report as fmt
 
@@ -39,6 +46,15 @@ def evaluate_cmd(
     say = None if quiet else (lambda msg: typer.echo(msg, err=True))
     with handle_errors():
         report = evaluate(store, names, config, progress=say)
+        if save:
+            from cytostore.evaluate.heldout import save as save_figures
+            from cytostore.store import CellStore
+
+            try:
+                report["saved"] = save_figures(CellStore.open(store), report)
+            except OSError as e:  # a read-only store: the figures are still printed
+                report["saved"] = []
+                typer.echo(f"warning: figures not stored in {store} ({e})", err=True)
         if markdown is not None:
             markdown.write_text(fmt.markdown(report))
         if png is not None:

@@ -1,4 +1,4 @@
-"""`cytostore info` and `cytostore encoders`."""
+"""`cytostore info` (`cytostore encoders` lives in cli/encoders.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from cli.common import emit_json, handle_errors
-from cytostore.encoders import list_encoders
 from cytostore.store import CellStore
 
 
@@ -43,17 +42,3 @@ def info_cmd(
     for f in summary["failure_list"]:
         typer.echo(f"    [{f['stage']}] {f['where']}: {f['reason']}")
 
-
-def encoders_cmd(
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object as the last line.")] = False,
-) -> None:
-    """List the registered encoders: name, dimension, input size, weights present."""
-    rows = [{"name": s.name, "arch": s.arch, "dim": s.dim, "input_size": s.input_size,
-             "weights_present": s.weights_present(), "description": s.description} for s in list_encoders()]
-    if as_json:
-        emit_json({"encoders": rows, "also": "any timm architecture, hf-hub:org/model, local-dir:/path, with --weights FILE"})
-        return
-    typer.echo(f"{'name':<22}{'dim':>6}{'input':>7}  weights  description")
-    for r in rows:
-        typer.echo(f"{r['name']:<22}{r['dim']:>6}{r['input_size']:>7}  {'yes' if r['weights_present'] else 'no ':<7}  {r['description']}")
-    typer.echo("Also: any timm architecture (with --weights FILE), hf-hub:org/model, local-dir:/path.")

@@ -13,7 +13,8 @@ from cli.evaluate import evaluate_cmd
 from cli.export import export_app
 from cli.fewshot import fewshot_app
 from cli.harmonise import harmonise_cmd
-from cli.info import encoders_cmd, info_cmd
+from cli.encoders import encoders_app
+from cli.info import info_cmd
 from cli.ingest import ingest_cmd
 from cli.maps import register as register_maps
 from cli.mil import mil_app
@@ -53,7 +54,7 @@ def _root(
 
 app.command("ingest")(ingest_cmd)
 app.command("info")(info_cmd)
-app.command("encoders")(encoders_cmd)
+app.add_typer(encoders_app, name="encoders")  # `encoders` (list), `encoders list|train`
 app.command("evaluate")(evaluate_cmd)
 app.command("harmonise")(harmonise_cmd)
 app.add_typer(mil_app, name="mil")

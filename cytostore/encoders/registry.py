@@ -51,6 +51,8 @@ class Encoder:
             "interpolation": self.interpolation,
             "weights_sha256": self.weights_sha256,
             "weights_source": self.weights_source,
+            # A trained encoder names its recipe, training table + version and training-cell digest.
+            **({"trained": self.extra["trained"]} if "trained" in self.extra else {}),
         }
 
 

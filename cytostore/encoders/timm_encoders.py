@@ -167,11 +167,22 @@ for _v, _dim in ((0, 1280), (1, 1280), (2, 1280)):
     )(_build)
 
 
+def _trained_folder(name: str) -> Path | None:
+    """A trained encoder by name (user registry) or by the path of its folder (e.g. a store copy)."""
+    from cytostore.encoders.user import find_trained, is_trained_folder
+
+    found = find_trained(name)
+    if found is None and ("/" in name or name.startswith(".")) and is_trained_folder(Path(name).expanduser()):
+        found = Path(name).expanduser().resolve()
+    return found
+
+
 def create_encoder(name: str = "efficientnet_lite0", weights: str | Path | None = None) -> Encoder:
     """Builds an encoder by registry name, timm architecture or hub name.
 
     Args:
-        name: a registered name (``cytostore encoders``), any timm architecture
+        name: a registered name (``cytostore encoders``), a trained encoder's name
+            (``cytostore encoders train``; its folder's path works too), any timm architecture
             (``vit_large_patch16_224``), ``hf-hub:org/model`` (needs the hub or its
             local cache) or ``local-dir:/path`` (a folder with config.json and weights).
         weights: a local checkpoint (safetensors preferred) loaded into the architecture.
@@ -180,6 +191,13 @@ def create_encoder(name: str = "efficientnet_lite0", weights: str | Path | None 
     spec = get_spec(name)
     if spec is not None:
         return spec.build(weights)
+    trained = _trained_folder(name)
+    if trained is not None:
+        if weights is not None:
+            raise EncoderError(f"encoder {name!r} is a trained encoder ({trained}) with its own weights; drop --weights")
+        from cytostore.encoders.user import load_trained
+
+        return load_trained(trained)
     timm = _timm()
     is_hub = name.startswith(("hf-hub:", "hf_hub:", "local-dir:"))
     if not is_hub and not timm.is_model(name):

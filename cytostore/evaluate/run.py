@@ -11,6 +11,7 @@ import numpy as np
 
 from cytostore.errors import InputError, StoreError
 from cytostore.evaluate import probes
+from cytostore.evaluate.heldout import restrict_to_held_out
 from cytostore.evaluate.splits import (GroupEpisodes, check_groups, content_hash, file_hash,
                                        merge_duplicate_groups, sample_cross_group_episodes, stored_hashes)
 from cytostore.fewshot.prototypes import PrototypeConfig, Whitening
@@ -176,6 +177,18 @@ def evaluate(store: CellStore | str | Path, tables: Sequence[str] | None = None,
     say(f"evaluate: {len(y)} labelled cells in common; hashing thumbnails and source images for duplicates")
     dedup = find_duplicates(s, names[0], cells, config)
     groups = dedup.groups
+    keep, held_out = restrict_to_held_out(
+        s, names, cells, groups, config.group,
+        lambda t, col: _rows_for(s, t, cells["uid"], [col], config.label).column(col).to_pylist())
+    if not keep.all():
+        say(f"evaluate: {held_out['cells_excluded']} cells on slides a compared encoder was trained on "
+            f"({', '.join(held_out['tables'])}) are left out; the rest are scored")
+        cells = {k: v[keep] for k, v in cells.items()}
+        groups = groups[keep]
+        y = cells["label"]
+        if len(set(y.tolist())) < 2:
+            raise StoreError("the held-out cells hold one label only; evaluate needs 2 or more")
+    held_out["scored_groups"] = sorted(set(cells["group"].tolist()))
     check_groups(groups, config.folds)
     d = dedup.report
     say(f"evaluate: {d['groups_before']} groups -> {d['groups_after']} after merging duplicates "
@@ -193,11 +206,12 @@ def evaluate(store: CellStore | str | Path, tables: Sequence[str] | None = None,
         "label": config.label,
         "group": config.group,
         "n_cells": int(len(y)),
-        "n_groups": int(d["groups_after"]),
+        "n_groups": int(len(set(groups.tolist()))),
         "n_groups_before_merging": int(d["groups_before"]),
         "classes": {str(c): int(n) for c, n in zip(classes, counts)},
         "duplicates": d,
         **info,
+        "held_out": held_out,
         "config": config.to_dict(),
         "seconds": round(time.perf_counter() - t0, 1),
     }
