@@ -89,8 +89,8 @@ def table_qc(store: CellStore, table: str, config: QcConfig, say: Callable[[str]
                       dtype=object)
 
     say("PCA and cross-validated logistic regression (slide, label)")
-    z = _pca(x, config)
-    slide = _slide_task(z, ids["slide_id"], config, rng)
+    z = pca(x, config)
+    slide = slide_task(z, ids["slide_id"], config, rng)
     has_label = np.array([v is not None for v in labels])
     label = _predict(z[has_label], labels[has_label], config, "label") if has_label.any() else None
     within = None
@@ -98,7 +98,7 @@ def table_qc(store: CellStore, table: str, config: QcConfig, say: Callable[[str]
         vals, counts = np.unique(labels[has_label].astype(str), return_counts=True)
         top = str(vals[np.argmax(counts)])
         keep = labels == top
-        within = _slide_task(z[keep], ids["slide_id"][keep], config, rng)
+        within = slide_task(z[keep], ids["slide_id"][keep], config, rng)
         if within is not None:
             within["label"] = top
 
@@ -128,7 +128,8 @@ def table_qc(store: CellStore, table: str, config: QcConfig, say: Callable[[str]
     return report
 
 
-def _pca(x: np.ndarray, config: QcConfig) -> np.ndarray:
+def pca(x: np.ndarray, config: QcConfig) -> np.ndarray:
+    """The leading ``config.pca_dims`` principal components of ``x`` (``x`` itself when it has fewer dims)."""
     from sklearn.decomposition import PCA
 
     dims = min(config.pca_dims, x.shape[0] - 1, x.shape[1])
@@ -137,7 +138,8 @@ def _pca(x: np.ndarray, config: QcConfig) -> np.ndarray:
     return PCA(n_components=dims, svd_solver="randomized", random_state=config.seed).fit_transform(x)
 
 
-def _slide_task(z: np.ndarray, slides: np.ndarray, config: QcConfig, rng) -> dict[str, Any] | None:
+def slide_task(z: np.ndarray, slides: np.ndarray, config: QcConfig, rng) -> dict[str, Any] | None:
+    """Balanced accuracy of predicting the slide from ``z`` (cross-validated); None with under 2 eligible slides."""
     names, counts = np.unique(slides.astype(str), return_counts=True)
     eligible = names[counts >= max(config.min_cells_per_slide, config.folds)]
     drawn = eligible

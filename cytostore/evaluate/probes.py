@@ -168,11 +168,11 @@ def slide_of_origin(x: np.ndarray, groups: np.ndarray, seed: int = 0) -> dict[st
     groups with >= 20 cells (at most 100, drawn at random); balanced accuracy against its
     chance rate 1 / groups. None when fewer than 2 groups qualify.
     """
-    from cytostore.qc import QcConfig, _pca, _slide_task
+    from cytostore.qc import QcConfig, pca, slide_task
 
     config = QcConfig(seed=seed)
-    z = _pca(unit(x), config)
-    res = _slide_task(z, np.asarray(groups, dtype=object).astype(str), config, np.random.default_rng(seed))
+    z = pca(unit(x), config)
+    res = slide_task(z, np.asarray(groups, dtype=object).astype(str), config, np.random.default_rng(seed))
     if not res or res.get("balanced_accuracy") is None:
         return None
     return {"balanced_accuracy": res["balanced_accuracy"], "chance": res["balanced_chance"],
