@@ -7,8 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -66,29 +64,28 @@ def table_committed(store: Path) -> bool:
 
 
 def test_ray_ingest_matches_local_and_survives_a_killed_encoder_worker(local_ray, tmp_path, small_manifest,
-                                                                       small_store):
+                                                                       small_store, monkeypatch):
+    import cytostore.store.writer as writer_mod
+
     store = tmp_path / "ray"
     killed: list[int] = []
-    stop = threading.Event()
+    real = writer_mod.CellWriter._commit_pending
 
-    def kill_encoder_once():
-        # Wait until the run has committed some cells, then SIGKILL the encoder actor's process.
-        while not stop.is_set():
+    def commit_then_kill_the_encoder(self):
+        # Injected at a fixed point, not raced: right after the first commit, SIGKILL the encoder
+        # actor's process; Ray restarts it and retries its task.
+        rows = real(self)
+        if rows and not killed:
             actors = ray_processes("EmbedCells")
-            if actors and table_committed(store):
-                actors[0].send_signal(signal.SIGKILL)
-                killed.append(actors[0].pid)
-                return
-            time.sleep(0.2)
+            assert actors, "no encoder actor process to kill at the first commit"
+            actors[0].send_signal(signal.SIGKILL)
+            killed.append(actors[0].pid)
+        return rows
 
-    killer = threading.Thread(target=kill_encoder_once, daemon=True)
-    killer.start()
-    try:
-        report = ingest(open_source(small_manifest), store, IngestConfig(batch_size=32, engine="ray", commit_rows=32))
-    finally:
-        stop.set()
-        killer.join(5)
-    assert killed, "the encoder worker finished before it could be killed"
+    monkeypatch.setattr(writer_mod.CellWriter, "_commit_pending", commit_then_kill_the_encoder)
+    report = ingest(open_source(small_manifest), store, IngestConfig(batch_size=32, engine="ray", commit_rows=32))
+    monkeypatch.setattr(writer_mod.CellWriter, "_commit_pending", real)
+    assert killed
     assert report.cells_failed == 0
     assert report.cells_added == 360
     assert_same_cells(store, small_store)
@@ -126,25 +123,34 @@ def test_ray_ingest_resumes_a_partial_store_and_a_killed_driver(local_ray, tmp_p
     part = ingest(open_source(first), store, IngestConfig(batch_size=32))  # single-process, one field
     assert 0 < part.cells_added < 360
 
-    # A Ray ingest of all three fields in another process, killed after its first commit.
-    script = ("import sys; from cytostore import IngestConfig, ingest, open_source; "
+    # A Ray ingest of all three fields in another process, ended abruptly (os._exit, as a SIGKILL
+    # would) right after its first commit: an injected fault at a fixed point, not a timed kill.
+    script = ("import os, sys; from cytostore import IngestConfig, ingest, open_source\n"
+              "from cytostore.store import writer\n"
+              "real = writer.CellWriter._commit_pending\n"
+              "def commit_then_die(self):\n"
+              "    rows = real(self)\n"
+              "    if rows:\n"
+              "        os._exit(9)\n"
+              "    return rows\n"
+              "writer.CellWriter._commit_pending = commit_then_die\n"
               "ingest(open_source(sys.argv[1]), sys.argv[2], IngestConfig(batch_size=32, engine='ray', commit_rows=32))")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-c", script, str(full), str(store)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    rows = part.cells_added
-    deadline = time.monotonic() + 600
-    while proc.poll() is None and time.monotonic() < deadline:
-        rows = CellStore.open(store).count()
-        if rows > part.cells_added:
-            break
-        time.sleep(0.2)
-    was_running = proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
-    proc.wait()
-    assert was_running, "the Ray ingest ended before it could be killed"
-    assert part.cells_added < rows < 360, "killed after the first commit, before the last"
+    log = tmp_path / "driver.log"
+    with open(log, "w") as fh:  # a file, not a pipe: the Ray processes the driver started hold it open
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=fh,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the Ray instance the dead driver started
+            except ProcessLookupError:
+                pass
+    assert proc.returncode == 9, log.read_text()[-2000:]
+    rows = CellStore.open(store).count()
+    assert part.cells_added < rows < 360, "ended after the first commit, before the last"
 
     report = ingest(open_source(full), store, IngestConfig(batch_size=32, engine="ray"))
     stored_before = CellStore.open(store).count() - report.cells_added

@@ -3,7 +3,9 @@ damaged files, schema changes, checksums (`store check`) and injected faults."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -270,3 +272,97 @@ def test_an_index_sidecar_missing_a_key_is_a_typed_error(tiny_store, tmp_path):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, res.output  # before: KeyError, exit 3
         assert "uid_digest (missing)" in res.output and "index build" in res.output
+
+
+# -- injected faults: abort after commit N, disk full, read-only ---------------------------
+ABORT_AFTER_COMMIT = """
+import os, sys
+from cytostore.store import writer
+real, made, n = writer.CellWriter._commit_pending, [0], int(sys.argv[1])
+def commit_then_die(self):
+    rows = real(self)
+    if rows:
+        made[0] += 1
+        if made[0] == n:
+            os._exit(9)  # as abrupt as SIGKILL: no clean-up, no lock release, nothing flushed
+    return rows
+writer.CellWriter._commit_pending = commit_then_die
+sys.argv = ["cytostore", *sys.argv[2:]]
+from cli.main import main
+main()
+"""
+
+
+def assert_same_cells(store: Path, reference: Path) -> None:
+    """Same keys (no duplicates) and bit-identical embeddings."""
+    (ea, ka), (eb, kb) = CellStore.open(store).embeddings(), CellStore.open(reference).embeddings()
+    ua, ub = ka.column("uid").to_numpy(), kb.column("uid").to_numpy()
+    assert len(np.unique(ua)) == len(ua), "a cell is stored twice"
+    oa, ob = np.argsort(ua), np.argsort(ub)
+    assert np.array_equal(ua[oa], ub[ob])
+    assert np.array_equal(np.asarray(ea)[oa], np.asarray(eb)[ob])
+
+
+@pytest.mark.parametrize("commit", [1, 3])
+def test_abort_after_commit_n_then_rerun_equals_an_uninterrupted_run(tiny_store, tiny_weights, small_manifest,
+                                                                    tmp_path, commit):
+    store = tmp_path / "s"
+    proc = subprocess.run([sys.executable, "-c", ABORT_AFTER_COMMIT, str(commit),
+                           *tiny_ingest(small_manifest, store, tiny_weights)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert CellStore.open(store).count() == 100 * commit  # exactly the committed rows, deterministically
+    assert _check(store)[0] == 0  # what was committed reads back against its checksums
+    res = runner.invoke(app, tiny_ingest(small_manifest, store, tiny_weights))  # the dead writer's lock is free
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (report["cells_skipped"], report["cells_added"]) == (100 * commit, 360 - 100 * commit)
+    assert_same_cells(store, tiny_store)
+
+
+@pytest.mark.parametrize("fault", [errno.ENOSPC, errno.EROFS])
+def test_disk_full_or_read_only_mid_run_exits_2_and_loses_nothing(tiny_store, tiny_weights, small_manifest,
+                                                                   tmp_path, monkeypatch, fault):
+    import lance
+
+    store, real, appends = tmp_path / "s", lance.write_dataset, [0]
+
+    def failing_third_append(data, uri, *args, mode="create", **kwargs):
+        if mode == "append" and "cells." in str(uri):
+            appends[0] += 1
+            if appends[0] == 3:
+                raise OSError(fault, os.strerror(fault), str(uri))
+        return real(data, uri, *args, mode=mode, **kwargs)
+
+    monkeypatch.setattr(lance, "write_dataset", failing_third_append)
+    res = runner.invoke(app, tiny_ingest(small_manifest, store, tiny_weights))
+    assert res.exit_code == 2, res.output
+    assert ("disk is full" if fault == errno.ENOSPC else "read-only") in res.output
+    assert "kept" in res.output and "Traceback" not in res.output
+    monkeypatch.setattr(lance, "write_dataset", real)
+    assert CellStore.open(store).count() == 200  # the two commits before the fault are kept
+    res = runner.invoke(app, tiny_ingest(small_manifest, store, tiny_weights))
+    assert res.exit_code == 0, res.output
+    assert_same_cells(store, tiny_store)
+    assert _check(store)[0] == 0
+
+
+def test_a_read_only_store_is_refused_with_exit_2_and_left_as_it_was(tiny_store, tiny_weights, tmp_path):
+    from conftest import sample_rows, write_manifest
+
+    if os.geteuid() == 0:
+        pytest.skip("running as root: chmod cannot make a folder read-only (the EROFS injection covers it)")
+    store = tmp_path / "s"
+    shutil.copytree(tiny_store, store)
+    more = write_manifest(sample_rows(["chula-2"]), tmp_path / "more.csv")
+    modes = {p: p.stat().st_mode for p in [store, *store.rglob("*")]}
+    for p in modes:
+        p.chmod(modes[p] & ~0o222)
+    try:
+        res = runner.invoke(app, tiny_ingest(more, store, tiny_weights))
+    finally:
+        for p, m in modes.items():
+            p.chmod(m)
+    assert res.exit_code == 2, res.output
+    assert "permission denied" in res.output or "read-only" in res.output
+    assert CellStore.open(store).count() == 360 and _check(store)[0] == 0

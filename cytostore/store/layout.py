@@ -50,7 +50,7 @@ KINDS: dict[str, TableKind] = {k.kind: k for k in (
     TableKind("lock", ".locks/{name}.lock", None,
               "advisory writer locks; they die with their process", lance=False),
     TableKind("checksums", "checksums.{name}.jsonl", None,
-              "size and blake2b of each data file of cell table {name}, one JSON line per file, appended by the "
+              "size and sha256 of each data file of cell table {name}, one JSON line per file, appended by the "
               "store writer after each commit and compaction; read by `cytostore store check`", lance=False),
     TableKind("encoder", "encoders/{name}", None, "a copy of trained encoder {name} (model.safetensors, config.json); written once by `encoders train`", lance=False),
     TableKind("evaluation", "evaluations/{name}.json", None, "the latest `cytostore evaluate` figures of cell table {name}; rewritten by each evaluate", lance=False),
