@@ -134,13 +134,16 @@ def test_manifest_with_too_many_columns_refused(tmp_path, tiny_weights):
 
 
 # -- limits checked before allocation ----------------------------------------------------------
-@pytest.mark.parametrize("size", ["0", "-5", "100000"])
-def test_crop_size_out_of_bounds_refused(tmp_path, tiny_weights, size):
+@pytest.mark.parametrize("option", [["--crop-size", "0"], ["--crop-size", "-5"], ["--crop-size", "100000"],
+                                    ["--box-margin", "nan"], ["--box-margin", "-1"], ["--batch-size", "1000000000"],
+                                    ["--workers", "100000"], ["--min-diameter", "-3"], ["--max-diameter", "inf"],
+                                    ["--min-diameter", "30", "--max-diameter", "10"]])
+def test_options_out_of_bounds_refused_before_the_store_is_made(tmp_path, tiny_weights, option):
     img = _field(tmp_path / "f.png")
     m = tmp_path / "m.csv"
     m.write_text(f"image,slide_id,x,y\n{img},s1,50,50\n{img},s1,20,20\n")
-    res = _cli(m, tmp_path / "st", tiny_weights, "--crop-size", size)
-    assert res.exit_code == 2 and "--crop-size" in res.output, res.output
+    res = _cli(m, tmp_path / "st", tiny_weights, *option)
+    assert res.exit_code == 2 and option[-2] in res.output, res.output
     assert not (tmp_path / "st").exists()
 
 
@@ -313,7 +316,8 @@ def test_malformed_geojson_features_are_failures_and_the_rest_ingest(tmp_path, t
     assert report.cells_failed == 10
 
 
-@pytest.mark.parametrize("text", ["[" * 100000 + "]" * 100000, '{"features": 5}', '{"features": "abc"}', "\xff"])
+@pytest.mark.parametrize("text", ["[" * 100000 + "]" * 100000, '{"features": 5}', '{"features": "abc"}', "\xff",
+                                  '{"type": "Thing", "feature": []}'])
 def test_geojson_file_that_is_not_a_feature_list_is_one_failure(tmp_path, tiny_weights, text):
     d = tmp_path / "geo"
     d.mkdir()

@@ -61,6 +61,13 @@ def validate_config(config: IngestConfig) -> None:
         raise InputError(f"unknown --engine {config.engine!r}; use one of {', '.join(ENGINES)}")
     if config.embedding_dtype not in schema.EMBEDDING_DTYPES:
         raise InputError(f"embedding dtype must be float16 or float32, got {config.embedding_dtype!r}")
+    det = config.detector
+    if det is not None:
+        _float_in(det.min_diameter, 0.0, float(limits.MAX_CROP_SIDE), "--min-diameter")
+        _float_in(det.max_diameter, 0.0, float(limits.MAX_CROP_SIDE), "--max-diameter")
+        if det.min_diameter and det.max_diameter and det.min_diameter > det.max_diameter:
+            raise InputError(f"--min-diameter {det.min_diameter:g} is above --max-diameter {det.max_diameter:g}; "
+                             "swap them")
 
 
 def validate_columns(source: Any) -> None:
