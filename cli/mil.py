@@ -71,7 +71,8 @@ def train_cmd(
 def predict_cmd(
     store: StoreOpt,
     model: ModelDirOpt,
-    where: Annotated[Optional[str], typer.Option(help="SQL filter on cells; each slide's bag is its matching cells.")] = None,
+    where: Annotated[Optional[str], typer.Option(help="SQL filter on cells; each slide's bag is its matching cells "
+                                                  "(one expression, no ';'; at most 1,000 AND/OR terms).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Also write the predictions to this CSV or Parquet file.")] = None,
     table: TableOpt = None,
     device: DeviceOpt = "auto",

@@ -112,7 +112,8 @@ def search_cmd(
     y: Annotated[Optional[float], typer.Option("--y", help="Cell centre in --image (with --x).")] = None,
     vector: Annotated[Optional[Path], typer.Option(help="Query vector, a .npy of shape (dim,) or (1, dim).")] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="How many neighbours.")] = 10,
-    where: Annotated[Optional[str], typer.Option(help="SQL filter on the cell table, e.g. \"label = 'spherocyte'\".")] = None,
+    where: Annotated[Optional[str], typer.Option(help="SQL filter on the cell table, e.g. \"label = 'spherocyte'\": one expression (no ';' or comments), "
+                                                                  "at most 1,000 AND/OR terms and 200,000 characters; many values: col IN (...).")] = None,
     exclude_same_slide: Annotated[bool, typer.Option("--exclude-same-slide", help="Drop neighbours from the query's slide.")] = False,
     montage_out: Annotated[Optional[Path], typer.Option("--montage", help="Write a PNG contact sheet of the query and its neighbours.")] = None,
     encoder: EncoderOpt = None,

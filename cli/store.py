@@ -60,7 +60,8 @@ def gc_cmd(store: StoreArg, grace_minutes: GraceArg = 60.0, as_json: JsonArg = F
 def delete_cmd(
     store: StoreArg,
     slide: Annotated[Optional[list[str]], typer.Option("--slide", help="Delete the cells of this slide (repeatable).")] = None,
-    where: Annotated[Optional[str], typer.Option(help="Delete the cells matching this SQL filter.")] = None,
+    where: Annotated[Optional[str], typer.Option(help="Delete the cells matching this SQL filter (one expression, no ';'; "
+                                                  "at most 1,000 AND/OR terms: use slide_id IN (...) for many).")] = None,
     encoder: Annotated[Optional[str], typer.Option(help="One cell table; default all.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count and name what would go stale; delete nothing.")] = False,
     as_json: JsonArg = False,

@@ -366,3 +366,22 @@ def test_a_read_only_store_is_refused_with_exit_2_and_left_as_it_was(tiny_store,
     assert res.exit_code == 2, res.output
     assert "permission denied" in res.output or "read-only" in res.output
     assert CellStore.open(store).count() == 360 and _check(store)[0] == 0
+
+
+def test_the_ray_engines_check_moves_unusable_cells_to_failures():
+    import pyarrow as pa
+
+    from cytostore.ingest.stages import drop_unstorable
+
+    def task():
+        cells = [{"uid": i, "slide_id": "s", "cell_id": str(i), "image": "f.png", "source_ref": None} for i in range(3)]
+        return {"cells": cells, "failures": [], "failed_cells": 0}
+
+    emb = np.ones((3, 4), np.float32)
+    emb[0, 1], emb[2, 0] = np.nan, 7e4
+    out = task()
+    kept = drop_unstorable(out, emb, pa.float16())  # the Ray write task passes the table's Arrow type
+    assert [c["cell_id"] for c in out["cells"]] == ["1"] and kept.shape == (1, 4)
+    assert out["failed_cells"] == 2 and {f.stage for f in out["failures"]} == {"embed"}
+    out = task()
+    assert len(drop_unstorable(out, emb, pa.float32())) == 2  # 7e4 fits in float32

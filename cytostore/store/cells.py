@@ -15,7 +15,7 @@ import pyarrow as pa
 from cytostore.errors import StoreError
 from cytostore.keys import KeySet, UidSet, key_hashes
 from cytostore.store import layout, schema
-from cytostore.store.check import readable
+from cytostore.store.check import missing_file_error, readable
 from cytostore.store.filters import check_where
 from cytostore.store.layout import MARKER, is_uri as _is_uri
 
@@ -184,7 +184,7 @@ class CellStore:
             try:
                 return ds.to_table(columns=list(columns), filter=where)
             except Exception as e:
-                if where and "not found" not in str(e).lower():
+                if where and missing_file_error(e, self.root) is None:  # a bad filter, not a damaged file
                     raise StoreError(f"cannot apply filter {where!r}: {e}") from e
                 raise
 
