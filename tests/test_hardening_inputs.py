@@ -384,3 +384,16 @@ def test_manifest_labels_that_look_like_numbers_keep_their_text(tmp_path):
     for item in ManifestSource(csv):
         (fails.append(item) if hasattr(item, "reason") else cells.extend(item.cells))
     assert not fails and [c.label for c in cells] == ["007", "1.50", "1e3", "NA"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("name, fmt", [("pipe", None), ("pipe.csv", None), ("pipe.geojson", "geojson"),
+                                       ("pipe.xml", "voc")])
+def test_fifo_given_as_the_source_is_refused(tmp_path, tiny_weights, name, fmt):
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    timer = _unblock_later(fifo)
+    res = _cli(fifo, tmp_path / "st", tiny_weights, *(["--format", fmt] if fmt else []))
+    timer.cancel()
+    assert res.exit_code in {1, 2} and "FIFO" in res.output, res.output
+    assert res.exit_code == 2 or "FIFO" in _failures(tmp_path / "st")[0]["reason"]

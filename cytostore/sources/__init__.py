@@ -6,6 +6,7 @@ from pathlib import Path
 
 from cytostore.errors import InputError
 from cytostore.imaging import IMAGE_SUFFIXES, SLIDE_SUFFIXES
+from cytostore.limits import regular_file
 from cytostore.sources.annotations import GeoJsonSource, VocSource
 from cytostore.sources.base import CellRecord, ImageTask, Source, SourceFailure, SourceOptions
 from cytostore.sources.folders import CropFolderSource, FieldFolderSource
@@ -24,6 +25,8 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        regular_file(path, "source file")  # a FIFO or a device is refused, never opened
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in {".csv", ".tsv", ".parquet"}:

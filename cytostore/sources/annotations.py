@@ -66,6 +66,8 @@ class VocSource:
     def __init__(self, root: str | Path, options: SourceOptions = SourceOptions()):
         self.root = absolute(root)
         self.options = options
+        if not self.root.is_dir():
+            limits.regular_file(self.root, "VOC .xml file")  # a FIFO or a device is refused, never opened
         if self.root.is_file():
             self.xmls = [self.root]
         else:
@@ -282,6 +284,8 @@ class GeoJsonSource:
         self.options = options
         self.image = absolute(image) if image else None
         self.within_annotations = within_annotations
+        if not self.root.is_dir():
+            limits.regular_file(self.root, "GeoJSON file")  # a FIFO or a device is refused, never opened
         self.files = [self.root] if self.root.is_file() else sorted(
             p for p in self.root.rglob("*") if p.suffix.lower() in {".geojson", ".json"})
         if not self.files:
