@@ -326,35 +326,10 @@ def check_precision(precision: str) -> str:
 
 
 def resolve_runtime(runtime: str, device: str, precision: str, table_runtime: str | None = None) -> str:
-    """The runtime an Embedder will use: ``torch``, ``onnx`` or ``openvino``.
+    """The runtime an Embedder on ``device`` uses (``cytostore.encoders.runtime.resolve``)."""
+    from cytostore.encoders.runtime import resolve
 
-    ``auto``: PyTorch on a GPU or for bf16/fp16; on a CPU the runtime that made the
-    table when the table exists and that runtime is installed (so re-runs and resumes
-    stay bit-identical), else the first importable of ``runtime.AUTO_ORDER`` (whose
-    tolerance the ingest then checks, falling back to torch). An explicit runtime that
-    is not installed is an InputError naming ``pip install 'cytostore[cpu]'``.
-    """
-    from cytostore.encoders import runtime as rt
-
-    if runtime not in rt.RUNTIMES:
-        raise InputError(f"unknown runtime {runtime!r}; use one of {', '.join(rt.RUNTIMES)}")
-    check_precision(precision)
-    on_gpu = resolve_device(device).startswith("cuda")
-    if runtime == "auto":
-        if on_gpu or precision in ("bf16", "fp16"):
-            return "torch"
-        name = rt.runtime_name(table_runtime)
-        if name is not None and rt.available(name):
-            return name
-        return next(n for n in rt.AUTO_ORDER if n == "torch" or rt.available(n))
-    if runtime != "torch":
-        if on_gpu:
-            raise InputError(f"--runtime {runtime} runs on the CPU; use --device cpu, or --runtime torch on the GPU")
-        if precision in ("bf16", "fp16"):
-            raise InputError(f"--runtime {runtime} runs in fp32; use --precision fp32/auto, or --runtime torch "
-                             f"for {precision}")
-        rt.require(runtime)
-    return runtime
+    return resolve(runtime, resolve_device(device).startswith("cuda"), check_precision(precision), table_runtime)
 
 
 class Embedder:

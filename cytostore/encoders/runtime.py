@@ -104,6 +104,35 @@ def available(name: str) -> bool:
     return True
 
 
+def resolve(runtime: str, on_gpu: bool, precision: str, table_runtime: str | None = None) -> str:
+    """The runtime to use: ``torch``, ``onnx`` or ``openvino``.
+
+    ``auto``: PyTorch on a GPU or for bf16/fp16; on a CPU the runtime that made the
+    table (``table_runtime``, its identity string) when the table exists and that
+    runtime is installed, so re-runs and resumes stay bit-identical; else the first
+    importable of ``AUTO_ORDER`` (whose tolerance the ingest then checks, falling back
+    to torch). An explicit runtime that is not installed is an InputError naming
+    ``pip install 'cytostore[cpu]'``.
+    """
+    if runtime not in RUNTIMES:
+        raise InputError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    if runtime == "auto":
+        if on_gpu or precision in ("bf16", "fp16"):
+            return "torch"
+        name = runtime_name(table_runtime)
+        if name is not None and available(name):
+            return name
+        return next(n for n in AUTO_ORDER if n == "torch" or available(n))
+    if runtime != "torch":
+        if on_gpu:
+            raise InputError(f"--runtime {runtime} runs on the CPU; use --device cpu, or --runtime torch on the GPU")
+        if precision in ("bf16", "fp16"):
+            raise InputError(f"--runtime {runtime} runs in fp32; use --precision fp32/auto, or --runtime torch "
+                             f"for {precision}")
+        require(runtime)
+    return runtime
+
+
 def threads_for(threads: int = 0) -> int:
     """Intra-op threads: ``threads`` when given, else the cores this process may run on."""
     if threads < 0:

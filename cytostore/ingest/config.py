@@ -23,7 +23,7 @@ class IngestConfig:
     precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16
     batch_size: int = 64  # cells per forward pass
     workers: int = 0  # DataLoader worker processes reading and cropping
-    runtime: str = "auto"  # auto, torch, onnx or openvino (cytostore.embed.resolve_runtime; docs/runtime.md)
+    runtime: str = "auto"  # auto, torch, onnx or openvino (cytostore.encoders.runtime.resolve; docs/runtime.md)
     threads: int = 0  # intra-op threads of the runtime; 0 = the cores available (torch keeps its own)
     input_size: int = 0  # side the crops are resized to; 0 = the encoder's own (e.g. 128 for EfficientNet-Lite)
     embedding_dtype: str = "float16"  # stored dtype: float16 or float32

@@ -19,7 +19,7 @@ def run_local(store: CellStore, table: str, source, encoder, prov: dict, config:
     """The local engine of ``cytostore.ingest.ingest``: every row goes to ``writer``, which commits by size/time."""
     stored = store.stored_keys(table)
     spec = CropSpec(config.crop, encoder.input_size, encoder.interpolation, config.detector, **config.crop_hooks())
-    embedder = Embedder(encoder, config.device, config.batch_size, config.precision)
+    embedder = _LazyEmbedder(encoder, config)  # built at the first cell to embed: a no-op re-run never loads it
     extra_schema = getattr(source, "extra_schema", None) or pa.schema([])
     target = writer.prepare(schema.arrow_schema("cells", dim=encoder.dim, embedding_dtype=config.embedding_dtype,
                                                 extra=extra_schema, metadata=prov))
@@ -68,3 +68,17 @@ def _committed(report: IngestReport, fails: FailureLog, rows: int) -> None:
     # Cells count as added once committed; failures are stored at the same cadence.
     report.cells_added += rows
     fails.flush()
+
+
+class _LazyEmbedder:
+    """The Embedder of an ingest, created when it is first called."""
+
+    def __init__(self, encoder, config: IngestConfig):
+        self.encoder, self.config = encoder, config
+        self.embedder: Embedder | None = None
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        if self.embedder is None:
+            c = self.config
+            self.embedder = Embedder(self.encoder, c.device, c.batch_size, c.precision, c.runtime, c.threads)
+        return self.embedder(pixels)

@@ -28,7 +28,7 @@ def resolve_compute(device: str = "auto", precision: str = "auto", *, local: boo
         local: the encoder runs in this process (checks the GPU is there); False for Ray
             workers, whose GPUs the driver may not see.
         runtime: the resolved runtime (``torch``, ``onnx``, ``openvino``; see
-            ``cytostore.embed.resolve_runtime``); the identity holds its name and version family.
+            ``cytostore.encoders.runtime.resolve``); the identity holds its name and version family.
     """
     from cytostore.encoders.runtime import runtime_identity
 
@@ -150,7 +150,7 @@ def cell_options(encoder, identity: dict[str, Any]) -> dict[str, Any]:
 def choose_runtime(config, encoder, device: str, stored: dict[str, Any] | None):
     """The runtime an ingest uses, and the tolerance check its record keeps.
 
-    ``auto`` resolves as ``cytostore.embed.resolve_runtime`` (the table's own runtime
+    ``auto`` resolves as ``cytostore.encoders.runtime.resolve`` (the table's own runtime
     when the table exists). A runtime other than PyTorch is checked against PyTorch
     (export, then tolerance, both cached) when it makes a new table or joins a table
     of another runtime; an ``auto`` choice that fails its check (or does not export)
@@ -161,19 +161,14 @@ def choose_runtime(config, encoder, device: str, stored: dict[str, Any] | None):
     """
     import dataclasses
 
-    from cytostore.embed import resolve_runtime
+    from cytostore.embed import check_precision
     from cytostore.encoders import runtime as rt
     from cytostore.errors import EncoderError
     from cytostore.store.provenance import identity_of
 
     table_runtime = identity_of(stored)["compute"]["runtime"] if stored else None
-    if device.startswith("cuda"):
-        if config.runtime not in ("auto", "torch"):
-            raise InputError(f"--runtime {config.runtime} runs on the CPU; use --device cpu, or --runtime torch "
-                             "on the GPU")
-        name = "torch"
-    else:
-        name = resolve_runtime(config.runtime, "cpu", config.precision, table_runtime)
+    # The device is resolved already (Ray: what its actors get, which this driver may not see).
+    name = rt.resolve(config.runtime, device.startswith("cuda"), check_precision(config.precision), table_runtime)
     check, notes = None, []
     if name != "torch" and rt.runtime_identity(name) != table_runtime:
         try:

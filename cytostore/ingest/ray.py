@@ -111,15 +111,18 @@ class EmbedCells:
     """Ray actor: embeds the crops of whole image tasks with the table's encoder."""
 
     def __init__(self, encoder_name: str, weights: str | None, device: str, batch_size: int,
-                 precision: str, weights_sha256: str | None):
+                 precision: str, weights_sha256: str | None, runtime: str = "torch", threads: int = 0,
+                 input_size: int = 0):
         from cytostore.encoders import create_encoder
+        from cytostore.encoders.lazy import with_input_size
 
-        encoder = create_encoder(encoder_name, weights)
+        encoder = with_input_size(create_encoder(encoder_name, weights), input_size)
         got = encoder.provenance().get("weights_sha256")
         if weights_sha256 and got != weights_sha256:
             raise ProvenanceError(f"encoder {encoder_name} on this Ray worker has weights sha256 {got}, the driver "
                                   f"has {weights_sha256}; install the same weights on every node")
-        self.embedder = Embedder(encoder, device, batch_size, precision)
+        # The driver resolved the runtime; an actor on a CPU share runs it on that many threads.
+        self.embedder = Embedder(encoder, device, batch_size, precision, runtime, threads)
         self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -245,7 +248,9 @@ class _RayRun:
         ds = ds.map_batches(EmbedCells, batch_format="pyarrow", batch_size=TASKS_PER_EMBED_CALL,
                             zero_copy_batch=True,
                             fn_constructor_args=(config.encoder, config.weights, plan.device, config.batch_size,
-                                                 config.precision, self.weights_sha),
+                                                 config.precision, self.weights_sha, config.runtime,
+                                                 0 if plan.gpus_per_actor else max(1, int(plan.cpus_per_actor)),
+                                                 config.input_size),
                             compute=ray.data.ActorPoolStrategy(size=plan.embed_actors),
                             num_gpus=plan.gpus_per_actor or None, num_cpus=plan.cpus_per_actor)
         per_fragment = max(1, min(TASKS_PER_FRAGMENT, self.commit_rows // MAX_CELLS_PER_TASK))
