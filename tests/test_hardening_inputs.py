@@ -397,3 +397,13 @@ def test_fifo_given_as_the_source_is_refused(tmp_path, tiny_weights, name, fmt):
     timer.cancel()
     assert res.exit_code in {1, 2} and "FIFO" in res.output, res.output
     assert res.exit_code == 2 or "FIFO" in _failures(tmp_path / "st")[0]["reason"]
+
+
+def test_manifest_of_one_header_line_without_newline_has_no_rows(tmp_path, tiny_weights):
+    m = tmp_path / "m.csv"
+    m.write_text("image,slide_id,x,y")  # Arrow refuses it: "Empty CSV file"
+    res = _cli(m, tmp_path / "st", tiny_weights)
+    assert res.exit_code == 0 and "0 cells added" in res.output, res.output
+    (tmp_path / "e.csv").write_text("")
+    res = _cli(tmp_path / "e.csv", tmp_path / "st", tiny_weights)
+    assert res.exit_code == 2 and "no header line" in res.output, res.output

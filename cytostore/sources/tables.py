@@ -52,6 +52,7 @@ class TableStream:
         self.parquet = suffix == ".parquet"
         self.delimiter = "\t" if suffix == ".tsv" else ","
         self.settled = self.parquet
+        self.header_only = False  # a CSV of one header line without a newline: no rows
         limits.regular_file(self.path, "table")
         try:
             if self.parquet:
@@ -61,18 +62,36 @@ class TableStream:
                 self.schema = meta.schema_arrow
                 self.num_rows: int | None = meta.metadata.num_rows
             else:
-                reader = self._csv(None)
+                try:
+                    reader = self._csv(None)
+                except pa.ArrowInvalid as e:
+                    if "Empty CSV file" not in str(e):
+                        raise
+                    reader = self._header_only()
                 self.schema = reader.schema
                 reader.close()
                 for i, f in enumerate(self.schema):  # the later passes read them with these types
                     if f.name in text_columns and not pa.types.is_binary(f.type):
                         self.schema = self.schema.set(i, pa.field(f.name, pa.string()))
-                self.num_rows = None
+                self.num_rows = 0 if self.header_only else None
         except (pa.ArrowException, OSError, LookupError) as e:
             raise InputError(f"{self.path}: cannot be read as a table ({e})") from e
         if len(self.schema) > limits.MAX_MANIFEST_COLUMNS:
             raise InputError(f"{self.path}: has {len(self.schema):,} columns; at most {limits.MAX_MANIFEST_COLUMNS:,} "
                              "are read (cytostore.limits.MAX_MANIFEST_COLUMNS): drop the columns you do not need")
+
+    def _header_only(self) -> pa.RecordBatchReader:
+        """An empty reader for a CSV that is one header line with no newline after it (Arrow
+        cannot read one); InputError for a file with no header at all."""
+        import csv as pycsv
+
+        text = self.path.read_bytes()[: self.block_bytes].decode(self.encoding, "replace")
+        names = next(pycsv.reader([text], delimiter=self.delimiter), []) if text.strip() else []
+        if not names or "\n" in text:
+            raise InputError(f"{self.path}: is empty (no header line); write the column names on its first line")
+        self.header_only, self.settled, self.num_rows = True, True, 0
+        schema = pa.schema([(n, pa.null()) for n in names])
+        return pa.RecordBatchReader.from_batches(schema, [])
 
     def settle(self) -> pa.Schema:
         """Streams a CSV once to fix its column types (and count its rows); returns the schema."""
@@ -135,6 +154,8 @@ class TableStream:
                             parse_options=csv.ParseOptions(delimiter=self.delimiter), convert_options=convert)
 
     def _csv_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+        if self.header_only:
+            return
         try:
             reader = self._csv(self.schema, columns)
         except OSError as e:
