@@ -93,6 +93,8 @@ def write_synthetic_store(path: str | Path, slides: Mapping[str, tuple[str, int]
                 "run_id": pa.array(["synthetic"] * m),
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float16).reshape(-1)), dim),
             }
+            # Columns this generator does not make (features added to the layout since) are null.
+            cols.update({f.name: pa.nulls(m, f.type) for f in target if f.name not in cols})
             writer.append(pa.Table.from_pydict(cols, schema=target))
     writer.close()
     return store
