@@ -117,3 +117,25 @@ def test_local_dir_name(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
     enc = create_encoder(f"local-dir:{tmp_path}")
     assert enc.weights_sha256 == state_dict_sha256(model)
+
+
+def test_trained_folder_is_found_by_name_before_timm_and_loads_as_local_dir(tmp_path, monkeypatch):
+    from cytostore.encoders.user import trained_config, write_folder
+
+    monkeypatch.setenv("CYTOSTORE_HOME", str(tmp_path / "home"))
+    model = _tiny_state(5)
+    sha = state_dict_sha256(model)
+    details = {"recipe": "cpu-ssl", "training": {"table": "t", "table_version": 3, "cells_digest": "sha256:ab"}}
+    cfg = trained_config("my-cells", "test_efficientnet", model.num_features, 64, (0.5,) * 3, (0.25,) * 3,
+                         "bicubic", sha, details)
+    folder = write_folder(tmp_path / "home" / "encoders" / "my-cells", model.state_dict(), cfg)
+    enc = create_encoder("my-cells")
+    assert enc.weights_sha256 == sha and enc.input_size == 64 and enc.std == (0.25,) * 3
+    prov = enc.provenance()
+    assert prov["name"] == "my-cells" and prov["trained"]["training"]["cells_digest"] == "sha256:ab"
+    # config.json is timm's layout: the folder loads as a plain local-dir checkpoint too.
+    assert create_encoder(f"local-dir:{folder}").weights_sha256 == sha
+    with pytest.raises(EncoderError, match="exists already"):
+        write_folder(folder, model.state_dict(), cfg)
+    with pytest.raises(EncoderError, match="drop --weights"):
+        create_encoder("my-cells", weights=folder / "model.safetensors")
