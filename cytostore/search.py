@@ -184,8 +184,9 @@ def check_query(vec: np.ndarray, where: str) -> np.ndarray:
     if not np.any(vec):
         raise InputError(f"{where}: query vector is all zeros; cosine similarity is undefined for it")
     if not (MIN_QUERY_NORM <= norm < np.inf):
-        raise InputError(f"{where}: query vector has norm {norm:.3g} in float32 ({'near zero' if norm < 1 else 'overflowing'}"
-                         f"): every score would be 0. Give a vector of the table's scale (norm between "
+        state = "near zero" if norm < 1 else "overflowing"
+        raise InputError(f"{where}: query vector has norm {norm:.3g} in float32 ({state}): every score would "
+                         f"be 0. Give a vector of the table's scale (norm between "
                          f"{MIN_QUERY_NORM:g} and 1e18), e.g. a stored cell's embedding")
     return vec
 
