@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import shutil
 import sys
 import tempfile
 import time
@@ -120,7 +121,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as d:
                 t.run(lambda p: ingest(fz.write_case(p, Path(d) / "in"), []), plan)
 
-        _drive(strategy, args.ingest_examples, one)
+        if args.ingest_examples:
+            _drive(strategy, args.ingest_examples, one)
         print(t.line(), flush=True)
     t = Tally("ingest options")
     tallies.append(t)
@@ -132,7 +134,8 @@ def main() -> None:
 
     from hypothesis import strategies as st
 
-    _drive(st.tuples(fz.ingest_options(), fz.manifests()), args.ingest_examples, with_options)
+    if args.ingest_examples:
+        _drive(st.tuples(fz.ingest_options(), fz.manifests()), args.ingest_examples, with_options)
     print(t.line(), flush=True)
     t = Tally("search --where")
     tallies.append(t)
@@ -146,7 +149,8 @@ def main() -> None:
             raise RuntimeError(f"exit {res.exit_code}: {res.output[-800:]} {res.exception!r}")
         return f"exit {res.exit_code}"
 
-    _drive(fz.where_texts, args.search_examples, lambda w: t.run(search, w))
+    if args.search_examples:
+        _drive(fz.where_texts, args.search_examples, lambda w: t.run(search, w))
     damaged = fz.snapshot(store) != before
     print(t.line(), flush=True)
 
@@ -157,6 +161,7 @@ def main() -> None:
     for x in tallies:
         for ex in x.examples:
             print(f"\n[{x.name}] {ex}")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
