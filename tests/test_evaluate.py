@@ -132,7 +132,8 @@ def test_precision_at_k_never_counts_the_query_group():
 def test_evaluate_cli_json_contract_on_the_small_store(small_store, tmp_path):
     md, png = tmp_path / "eval.md", tmp_path / "eval.png"
     r = runner.invoke(app, ["evaluate", "--store", str(small_store), "--folds", "3", "--ways", "2", "--shots", "2",
-                            "--queries", "3", "--episodes", "20", "--json", "--markdown", str(md), "--png", str(png)])
+                            "--queries", "3", "--episodes", "20", "--json", "--markdown", str(md), "--png", str(png),
+                            "--no-save"])  # the session's store stays as it was built
     assert r.exit_code == 0, r.output
     out = _last_json(r.output)
     assert list(out)[0] == "tables" and list(out["tables"]) == ["efficientnet_lite0"]
@@ -147,6 +148,24 @@ def test_evaluate_cli_json_contract_on_the_small_store(small_store, tmp_path):
     assert fs["episodes"] > 0 and 0 <= fs["accuracy"] <= 1 and fs["ci95"] >= 0
     assert out["duplicates"]["groups_merged"] == 0
     assert "| efficientnet_lite0 |" in md.read_text() and png.stat().st_size > 1000
+    assert out["held_out"] == {"tables": {}, "cells_excluded": 0, "scored_groups": ["chula-1", "chula-255", "chula-27"]}
+    assert not (Path(small_store) / "evaluations").exists()
+
+
+def test_evaluate_stores_each_tables_figures(small_store, tmp_path):
+    from cytostore import CellStore
+    from cytostore.evaluate.heldout import latest
+
+    path = tmp_path / "store"
+    shutil.copytree(small_store, path)
+    r = runner.invoke(app, ["evaluate", "--store", str(path), "--folds", "3", "--ways", "2", "--shots", "2",
+                            "--queries", "3", "--episodes", "5", "-q", "--json"])
+    assert r.exit_code == 0, r.output
+    out = _last_json(r.output)
+    assert out["saved"] == [str(path / "evaluations" / "efficientnet_lite0.json")]
+    doc = latest(CellStore.open(path), "efficientnet_lite0")
+    assert doc["figures"]["linear_probe"] == out["tables"]["efficientnet_lite0"]["linear_probe"]
+    assert doc["compared_with"] == ["efficientnet_lite0"] and doc["evaluated_at"]
 
 
 def test_evaluate_errors_exit_2_and_say_how_to_fix(small_store):
