@@ -407,3 +407,18 @@ def test_manifest_of_one_header_line_without_newline_has_no_rows(tmp_path, tiny_
     (tmp_path / "e.csv").write_text("")
     res = _cli(tmp_path / "e.csv", tmp_path / "st", tiny_weights)
     assert res.exit_code == 2 and "no header line" in res.output, res.output
+
+
+def test_parquet_id_that_is_nan_is_a_failure_not_the_text_nan(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    img = _field(tmp_path / "f.png")
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"image": [str(img)] * 2, "slide_id": [1.0, float("nan")], "x": [20.0, 30.0],
+                             "y": [20.0, 30.0]}), path)
+    items = list(ManifestSource(path))
+    cells = [c for i in items if hasattr(i, "cells") for c in i.cells]
+    fails = [i for i in items if hasattr(i, "reason")]
+    assert [c.slide_id for c in cells] == ["1.0"]
+    assert len(fails) == 1 and fails[0].where == f"{path}:row 2" and "slide_id is nan" in fails[0].reason
