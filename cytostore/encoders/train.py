@@ -39,7 +39,7 @@ class TrainConfig:
     input_size: int = 0  # square input side; 0: 96 (cpu) or 160 (gpu)
     train_blocks: int = 2  # cpu: last stages trained (the rest is frozen and cached)
     views: int = 4  # cpu: augmented views of each cell cached
-    bn_cells: int = 2048  # cells batch-norm statistics are re-estimated on (a seeded sample)
+    bn_cells: int = 1024  # cells batch-norm statistics are re-estimated on (a seeded sample)
     epochs: int = 0  # passes over the training cells; 0: recipe default
     batch_size: int = 256  # cells per step (SimCLR negatives come from the batch)
     lr: float = 0.0  # learning rate of the backbone layers; 0: recipe default
