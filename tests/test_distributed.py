@@ -167,7 +167,7 @@ def test_ray_cluster_plan_and_bad_options(local_ray, tmp_path, small_manifest):
         plan_cluster(ray, IngestConfig(engine="ray", device="cuda"))
     with pytest.raises(InputError, match="gpus-per-worker"):
         plan_cluster(ray, IngestConfig(engine="ray", gpus_per_worker=-1))
-    with pytest.raises(InputError, match="unknown engine"):
+    with pytest.raises(InputError, match="unknown --engine"):
         ingest(open_source(small_manifest), tmp_path / "s", IngestConfig(engine="spark"))
     assert not (tmp_path / "s").exists()
 
