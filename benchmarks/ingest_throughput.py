@@ -52,6 +52,12 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (less load-bound than wall time)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def bare_forward(n_cells: int, batch_size: int, device: str, precision: str = "auto", runtime: str = "torch",
                  input_size: int = 0, threads: int = 0, pixels: np.ndarray | None = None) -> float:
     """cells/s of the encoder alone on ready uint8 crops, as the ingest feeds it (warm, export cached)."""
@@ -82,9 +88,9 @@ def throughput(args) -> dict:
     cfg = IngestConfig(batch_size=args.batch_size, workers=args.workers, device=args.device,
                        precision=args.precision, engine=args.engine, runtime=args.runtime, threads=args.threads,
                        input_size=args.input_size)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     report = ingest(open_source(manifest), tmp / "store", cfg)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     e2e = report.cells_added / wall
     bare = bare_forward(report.cells_added, args.batch_size, args.device, args.precision, cfg.runtime,
                         args.input_size, args.threads)
@@ -94,10 +100,13 @@ def throughput(args) -> dict:
            "precision": args.precision, "engine": args.engine, "notes": report.notes,
            "end_to_end_cells_s": round(e2e, 2),
            "end_to_end_seconds": round(wall, 2), "bare_forward_cells_s": round(bare, 2),
-           "ratio": round(e2e / bare, 3), "runtime": args.runtime, "load_1min": load()}
+           "ratio": round(e2e / bare, 3), "runtime": args.runtime, "load_1min": load(),
+           "cpu_seconds": round(cpu, 1), "cpu_ms_per_cell": round(1000 * cpu / max(1, report.cells_added), 1)}
     print(f"ingest end to end: {out['cells']} cells in {wall:.1f} s = {e2e:.1f} cells/s (model load included)")
     print(f"bare forward, same encoder and batch size: {bare:.1f} cells/s")
     print(f"ratio end-to-end / bare forward: {out['ratio']:.3f}")
+    print(f"CPU time of the ingest (this process and its workers): {cpu:.1f} s = "
+          f"{out['cpu_ms_per_cell']} ms per cell (load {load()})")
     return out
 
 

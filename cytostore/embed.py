@@ -381,6 +381,7 @@ class Embedder:
         self.staging = torch.zeros((batch_size, size, size, 3), dtype=torch.uint8)
         if cuda:
             self.staging = self.staging.pin_memory()
+        self.staging_np = self.staging.numpy() if not cuda else None  # the same memory
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """Embeds up to ``batch_size`` crops (uint8, N x S x S x 3); returns float32 (N, dim)."""
@@ -391,14 +392,15 @@ class Embedder:
             return np.zeros((0, self.encoder.dim), dtype=np.float32)
         if n > self.batch_size:
             raise ValueError(f"{n} crops given to a batch of {self.batch_size}")
-        self.staging.zero_()
-        self.staging[:n] = torch.from_numpy(pixels)
-        x = self.staging.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-        x = (x - self.mean) / self.std
-        if self.session is not None:
-            out = self.session(x.contiguous())[:n]
+        if self.session is not None:  # the graph scales and normalises the uint8 crops itself
+            self.staging_np[:n] = pixels
+            self.staging_np[n:] = 0
+            out = self.session(self.staging_np)[:n]
         else:
-            x = x.contiguous(memory_format=torch.channels_last)
+            self.staging.zero_()
+            self.staging[:n] = torch.from_numpy(pixels)
+            x = self.staging.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+            x = ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 if self.autocast_dtype is not None:
                     with torch.autocast(self.device.type, dtype=self.autocast_dtype):

@@ -8,6 +8,10 @@ structure and parameters, opset, batch size, torch version family) and cached in
 tolerance measured against PyTorch. Both files are written atomically (temp file +
 rename); a graph whose bytes do not match the recorded sha256 is exported again.
 
+The graph takes the model-ready uint8 crops (N x S x S x 3) and scales and normalises
+them itself, as ``normalise`` does in PyTorch: the runtime does that work, multi-threaded,
+instead of a chain of PyTorch ops before every batch.
+
 The tolerance of a runtime is measured on a fixed, seeded batch of synthetic cell
 crops (``check_crops``): cosine between each crop's embedding from the runtime and
 from PyTorch fp32 on the CPU; its min and median are stored per runtime version.
@@ -198,7 +202,8 @@ def export_fields(encoder, model, batch_size: int | None, opset: int = OPSET) ->
             "module": f"{type(model).__module__}.{type(model).__qualname__}",
             "structure_sha256": hashlib.sha256(repr(model).encode()).hexdigest(),
             "parameters_sha256": state_dict_sha256(model), "opset": opset,
-            "batch": int(batch_size) if batch_size else "dynamic",
+            "batch": int(batch_size) if batch_size else "dynamic", "input": "uint8 NHWC, normalised in the graph",
+            "mean": [float(v) for v in encoder.mean], "std": [float(v) for v in encoder.std],
             "torch": ".".join(torch.__version__.split("+")[0].split(".")[:2])}
 
 
@@ -264,7 +269,8 @@ def _export_bytes(model, encoder, batch_size: int | None, opset: int) -> bytes:
 
     require("onnx")  # the graph is only useful with a runtime that reads it
     model = model.to("cpu").eval().to(memory_format=torch.contiguous_format)
-    x = torch.zeros((batch_size or 2, 3, encoder.input_size, encoder.input_size))
+    model = _with_normalisation(model, encoder.mean, encoder.std)
+    x = torch.zeros((batch_size or 2, encoder.input_size, encoder.input_size, 3), dtype=torch.uint8)
     buf = io.BytesIO()
     dynamic = None if batch_size else {"input": {0: "batch"}, "embedding": {0: "batch"}}
     try:
@@ -276,6 +282,23 @@ def _export_bytes(model, encoder, batch_size: int | None, opset: int) -> bytes:
         raise EncoderError(f"encoder {encoder.name}: ONNX export failed ({type(e).__name__}: {e}); "
                            "use --runtime torch") from e
     return buf.getvalue()
+
+
+def _with_normalisation(model, mean, std):
+    """``model`` behind ``normalise``: uint8 NHWC in, (N, dim) out (the exported graph)."""
+    import torch
+
+    class Normalised(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+        def forward(self, x):
+            return self.model((x.permute(0, 3, 1, 2).float() / 255 - self.mean) / self.std)
+
+    return Normalised().eval()
 
 
 def tolerance(name: str, export: Export, encoder, threads: int = 0) -> dict[str, Any]:
@@ -293,10 +316,11 @@ def tolerance(name: str, export: Export, encoder, threads: int = 0) -> dict[str,
 
     batch = export.meta["fields"]["batch"]
     n = batch if isinstance(batch, int) else 16
-    x = normalise(torch.from_numpy(check_crops(n, encoder.input_size)), encoder.mean, encoder.std)
+    crops = check_crops(n, encoder.input_size)
     with torch.inference_mode():
-        want = encoder.model.to("cpu").eval()(x).float().numpy()
-    got = make_session(name, export.path, threads)(x)
+        want = encoder.model.to("cpu").eval()(normalise(torch.from_numpy(crops), encoder.mean, encoder.std))
+    want = want.float().numpy()
+    got = make_session(name, export.path, threads)(crops)
     cos = cosine_rows(want, got)
     check = {"runtime": ident, "min_cosine": float(cos.min()), "median_cosine": float(np.median(cos)),
              "max_abs_diff": float(np.abs(want - got).max()), "n": int(n),
@@ -319,7 +343,7 @@ def normalise(pixels, mean, std):
 
 
 def make_session(name: str, path: Path, threads: int = 0):
-    """A callable float32 NCHW (torch or numpy) -> float32 (N, dim) numpy array, for ``onnx`` or ``openvino``."""
+    """A callable uint8 N x S x S x 3 crops (numpy) -> float32 (N, dim), for ``onnx`` or ``openvino``."""
     n_threads = threads_for(threads)
     if name == "onnx":
         ort = require("onnx")
@@ -330,7 +354,7 @@ def make_session(name: str, path: Path, threads: int = 0):
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
         def run_onnx(x):
-            return sess.run(None, {"input": _numpy(x)})[0]
+            return sess.run(None, {"input": np.ascontiguousarray(x, dtype=np.uint8)})[0]
 
         return run_onnx
     if name == "openvino":
@@ -343,14 +367,8 @@ def make_session(name: str, path: Path, threads: int = 0):
         request = compiled.create_infer_request()
 
         def run_openvino(x):
-            request.infer({0: _numpy(x)})
+            request.infer({0: np.ascontiguousarray(x, dtype=np.uint8)})
             return np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
 
         return run_openvino
     raise InputError(f"unknown runtime {name!r}; use one of {', '.join(RUNTIMES)}")
-
-
-def _numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().contiguous().numpy()
-    return np.ascontiguousarray(x, dtype=np.float32)
