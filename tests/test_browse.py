@@ -155,3 +155,15 @@ def test_cluster_never_mixes_two_runs_in_one_set(store):
     ok = _json(runner.invoke(app, ["cluster", "--store", str(store), "--name", "km-chula-1", "--k", "3",
                                    "--where", "slide_id = 'chula-1'", "--json", "-q"]))
     assert ok["cells"] == CellStore.open(store).count(where="slide_id = 'chula-1'")
+
+
+def test_cells_of_a_slide_whose_data_file_is_missing_exit_2_naming_store_check(store):
+    # Lance's "not found" escaped `cytostore cells` as a traceback (exit 3).
+    import lance
+
+    uri = next(Path(store).glob("cells.*.lance"))
+    frag = lance.dataset(str(uri)).get_fragments()[0]
+    (uri / "data" / frag.metadata.files[0].path).unlink()
+    res = runner.invoke(app, ["cells", "--store", str(store), "--slide", "chula-1"])
+    assert res.exit_code == 2, res.output
+    assert "store check" in res.output

@@ -458,3 +458,17 @@ def test_suggestion_captions_are_wrapped_not_cut():
     lines = wrap(font, text, 120)
     assert "".join(lines).replace(" ", "") == text.replace(" ", "")  # nothing dropped
     assert all(font.getlength(line) <= 120 for line in lines)
+
+
+def test_predict_refuses_a_malformed_where_instead_of_scoring_every_cell(store, tmp_path):
+    # Lance ignored the text after ';' in the batch reader predict uses: every cell was scored.
+    from cytostore.errors import InputError
+    from cytostore.fewshot import fit, predict
+
+    sup, _ = _support_file(tmp_path / "support.csv", store)
+    fit(store, sup, "rbc")
+    with pytest.raises(InputError, match="';'"):
+        predict(store, "rbc", where="slide_id = 'chula-1'; DROP TABLE cells")
+    r = runner.invoke(app, ["fewshot", "predict", "--store", str(store), "--name", "rbc",
+                            "--where", "slide_id = 'chula-1'; DROP TABLE cells"])
+    assert r.exit_code == 2, r.output

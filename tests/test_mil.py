@@ -286,7 +286,7 @@ def real_split(tmp_path_factory, small_store):
     """Two real Chula fields cut into 4 slides each (slide_label = the field), and a model
     trained on 2 slides of each field."""
     from cytostore import IngestConfig, ingest, open_source
-    from tests.conftest import sample_rows, write_manifest
+    from conftest import sample_rows, write_manifest
 
     root = tmp_path_factory.mktemp("mil-real")
     rows = []

@@ -91,7 +91,7 @@ def test_overlay_whole_slide_reads_a_pyramid_level(tmp_path):
     openslide = pytest.importorskip("openslide")
     from cytostore import IngestConfig, ingest, open_source
     from cytostore.imaging import CropPolicy
-    from tests.conftest import sample_rows, write_manifest
+    from conftest import sample_rows, write_manifest
 
     rows = sample_rows(["chula-1"])
     with Image.open(rows[0]["image"]) as im:

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import cli.common
 from cli.common import Progress, progress_callback
 from cli.main import app
-from tests.conftest import sample_rows, write_manifest
+from conftest import sample_rows, write_manifest
 
 runner = CliRunner()
 

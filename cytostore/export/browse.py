@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 from cytostore.errors import InputError, StoreError
 from cytostore.export._common import HEAVY, as_store, slide_filter
 from cytostore.store import CellStore
+from cytostore.store.check import readable
 
 
 def list_slides(store: CellStore | str | Path, encoder: str | None = None) -> dict[str, Any]:
@@ -78,8 +79,9 @@ def slide_cells(store: CellStore | str | Path, slide_id: str, columns: Sequence[
                              f"{[n for n in ds.schema.names if n not in HEAVY]}")
     cols = list(columns) if columns else [n for n in ds.schema.names if n not in HEAVY]
     where = slide_filter([slide_id])
-    total = ds.count_rows(filter=where)
-    if total == 0:
-        raise InputError(f"slide {slide_id!r} has no cell in table {table!r} of {s.root}; list the slides "
-                         f"with `cytostore slides --store {s.root}`")
-    return ds.to_table(columns=cols, filter=where, limit=limit), total
+    with readable(s.root):  # a missing data file names itself and the fix, not a traceback
+        total = ds.count_rows(filter=where)
+        if total == 0:
+            raise InputError(f"slide {slide_id!r} has no cell in table {table!r} of {s.root}; list the slides "
+                             f"with `cytostore slides --store {s.root}`")
+        return ds.to_table(columns=cols, filter=where, limit=limit), total

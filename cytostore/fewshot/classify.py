@@ -33,6 +33,7 @@ from cytostore.fewshot.tables import (
     write_prototypes,
 )
 from cytostore.store import CellStore, embedding_matrix
+from cytostore.store.filters import check_where
 from cytostore.store.layout import is_uri
 from cytostore.store.pins import pin
 
@@ -97,6 +98,7 @@ def _checked(s: CellStore, pset: PrototypeSet) -> str:
 def _scored(s: CellStore, table: str, pset: PrototypeSet, where: str | None,
             min_score: float | None) -> Iterator[tuple[pa.Table, Decision]]:
     """(keys, decision) per batch of selected cells; keys carry the stored ``label`` when the table has one."""
+    where = check_where(where) or None
     key_cols = ["uid", "slide_id", "cell_id", *(["label"] if "label" in s.dataset(table).schema.names else [])]
     cols = [*key_cols, "embedding"]
     if pset.config.transductive_steps > 0:
