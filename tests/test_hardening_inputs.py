@@ -422,3 +422,11 @@ def test_parquet_id_that_is_nan_is_a_failure_not_the_text_nan(tmp_path):
     fails = [i for i in items if hasattr(i, "reason")]
     assert [c.slide_id for c in cells] == ["1.0"]
     assert len(fails) == 1 and fails[0].where == f"{path}:row 2" and "slide_id is nan" in fails[0].reason
+
+
+def test_manifest_failure_names_its_line_once(tmp_path):
+    img = _field(tmp_path / "f.png")
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"image,slide_id,x,y\n{img},a/b,20,20\n")
+    (fail,) = [i for i in ManifestSource(csv) if hasattr(i, "reason")]
+    assert fail.where == f"{csv}:line 2" and str(csv) not in fail.reason and "path separator" in fail.reason

@@ -16,8 +16,7 @@ import pyarrow.compute as pc
 from cytostore import limits
 from cytostore.errors import InputError
 from cytostore.keys import DUPLICATE, KeySet, box_cell_id, cell_key_hash, check_id, position_cell_id
-from cytostore.sources.base import (CONTINUED, CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions,
-                                    safe_slide_id)
+from cytostore.sources.base import CONTINUED, CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions
 from cytostore.sources.tables import CHUNK_ROWS, TableStream, read_table
 
 KNOWN = {"image", "slide_id", "cell_id", "x", "y", "x0", "y0", "x1", "y1", "label", "slide_label"}
@@ -56,6 +55,14 @@ def _text_column(arr: pa.Array) -> tuple[pa.Array, pa.Array | None]:
     values = arr.to_pylist()
     text = [_text(v) for v in values]
     return pa.array(text, pa.string()), pa.array([v is not None and t is None for v, t in zip(values, text)])
+
+
+def _slide_id(value: Any) -> str:
+    """check_id for a row's slide id; the failure already names the file and line."""
+    try:
+        return check_id(value, "slide_id")
+    except InputError as e:
+        raise InputError(f"{e}; fix the id in the source") from e
 
 
 class ManifestSource:
@@ -223,7 +230,7 @@ class ManifestSource:
                 image, stem = paths[raw]
                 raw_slide = row.get("slide_id")
                 slide_id = slides.get(raw_slide) or slides.setdefault(
-                    raw_slide, safe_slide_id(self._slide_value(raw_slide), where))
+                    raw_slide, _slide_id(self._slide_value(raw_slide)))
             except InputError as e:
                 keys_of_rows.append(None)
                 yield SourceFailure(where, str(e))
