@@ -153,8 +153,10 @@ def load_vector(vector: np.ndarray | str | Path, dim: int) -> np.ndarray:
     where = "--vector"
     if isinstance(vector, (str, Path)):
         where = str(vector)
-        try:
-            vector = np.load(vector, allow_pickle=False)
+        from cytostore.limits import load_npy
+
+        try:  # the header is checked first: a file claiming 10^12 values is refused before reading
+            vector = load_npy(vector, max_values=dim)
         except (OSError, ValueError) as e:
             raise InputError(f"{where}: not a readable .npy array ({e}); save one with numpy.save") from e
     arr = np.asarray(vector)

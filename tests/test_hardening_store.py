@@ -385,3 +385,13 @@ def test_the_ray_engines_check_moves_unusable_cells_to_failures():
     assert out["failed_cells"] == 2 and {f.stage for f in out["failures"]} == {"embed"}
     out = task()
     assert len(drop_unstorable(out, emb, pa.float32())) == 2  # 7e4 fits in float32
+
+
+def test_a_query_npy_whose_header_claims_10_12_values_is_refused_before_reading(small_store, tmp_path):
+    bomb = tmp_path / "bomb.npy"
+    with open(bomb, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)})
+        fh.write(b"\0" * 64)
+    res = runner.invoke(app, ["search", "--store", str(small_store), "--vector", str(bomb)])
+    assert res.exit_code == 2, res.output
+    assert "bomb.npy" in res.output

@@ -60,7 +60,7 @@ def test_overlay_field_by_label_and_prediction(small_store, tmp_path):
 
     # Coloured by a few-shot prediction set instead.
     from cytostore.fewshot import fit, predict, read_predictions
-    from tests.test_fewshot import _support_file
+    from test_fewshot import _support_file
 
     sup, _ = _support_file(tmp_path / "support.csv", store)
     fit(store, sup, "rbc")
