@@ -340,12 +340,14 @@ class Embedder:
     reproduces an uninterrupted one exactly (within one runtime). ``runtime`` is
     ``torch`` (eager PyTorch: channels-last, autocast on GPUs), ``onnx`` (ONNX Runtime
     on the CPU), ``openvino`` (OpenVINO on the CPU, reading the same ONNX graph) or
-    ``auto`` (see ``resolve_runtime``); ``threads`` = intra-op threads (0: the cores
-    available; torch keeps its own setting unless given).
+    ``auto`` (see ``resolve_runtime``); the default stays ``torch`` for callers that embed
+    a few crops (search queries, few-shot support), where an export would cost more than
+    it saves; the ingest passes the runtime it resolved. ``threads`` = intra-op threads
+    (0: the cores available; torch keeps its own setting unless given).
     """
 
     def __init__(self, encoder: Encoder, device: str = "auto", batch_size: int = 64, precision: str = "auto",
-                 runtime: str = "auto", threads: int = 0):
+                 runtime: str = "torch", threads: int = 0):
         import torch
 
         from cytostore.encoders import runtime as rt

@@ -202,6 +202,7 @@ def embed_image(bound: BoundIndex, path: str | Path, x: float | None = None, y: 
     """
     from cytostore.embed import Embedder
     from cytostore.encoders import create_encoder
+    from cytostore.encoders.lazy import with_input_size  # the table's --input-size
     from cytostore.imaging import CropPolicy, crop_cell, open_image, resize
 
     if (x is None) != (y is None):
@@ -218,7 +219,7 @@ def embed_image(bound: BoundIndex, path: str | Path, x: float | None = None, y: 
             crop = crop_cell(img, float(x), float(y), side)
     finally:
         img.close()
-    encoder = create_encoder(enc_prov.get("name", ""))
+    encoder = with_input_size(create_encoder(enc_prov.get("name", "")), int(enc_prov.get("input_size") or 0))
     if encoder.weights_sha256 != enc_prov.get("weights_sha256"):
         raise ProvenanceError(
             f"table {bound.table!r} was embedded with weights {str(enc_prov.get('weights_sha256'))[:16]}... "

@@ -301,3 +301,23 @@ def test_auto_on_a_gpu_is_torch_bf16_channels_last(tiny_weights):
     out = emb(np.zeros((3, emb.encoder.input_size, emb.encoder.input_size, 3), np.uint8))
     assert out.shape == (3, emb.encoder.dim) and np.isfinite(out).all()
     assert next(emb.model.parameters()).is_cuda and torch.backends.cudnn.benchmark is False
+
+
+def test_image_queries_use_the_tables_input_size(tmp_path):
+    from types import SimpleNamespace
+
+    from cytostore.fewshot.support import load_table_encoder
+    from cytostore.search import embed_image
+
+    rows = sample_rows(["chula-27"])[:12]
+    store = tmp_path / "s"
+    ingest(open_source(_manifest(tmp_path, "m", rows)), store, IngestConfig(input_size=96, batch_size=16))
+    cells = CellStore.open(store)
+    table = cells.resolve()
+    assert load_table_encoder(cells.provenance(table), table).input_size == 96
+    r = rows[5]
+    vec, _ = embed_image(SimpleNamespace(dataset=cells.dataset(table), table=table), r["image"],
+                         float(r["x"]), float(r["y"]))
+    stored = _by_key(store)[(r["slide_id"], f"{r['x']}_{r['y']}")].astype(np.float32)
+    # Resized as the table was (96 px, not the encoder's 224): the same numbers as the stored cell.
+    assert rt.cosine_rows(vec[None], stored[None])[0] > 0.999

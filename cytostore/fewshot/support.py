@@ -153,11 +153,12 @@ def _from_images(table: pa.Table, labels: np.ndarray, path: Path, store: CellSto
 def load_table_encoder(prov: dict[str, Any], table: str):
     """Builds the encoder a table was made with and checks its weights' sha256."""
     from cytostore.encoders import create_encoder
+    from cytostore.encoders.lazy import with_input_size
 
     info = prov.get("encoder", {})
     if not info.get("name"):
         raise ProvenanceError(f"table {table!r} records no encoder; it cannot embed new images")
-    enc = create_encoder(info["name"])
+    enc = with_input_size(create_encoder(info["name"]), int(info.get("input_size") or 0))  # the table's --input-size
     want = info.get("weights_sha256")
     if want and enc.weights_sha256 != want:
         raise ProvenanceError(
