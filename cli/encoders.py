@@ -92,6 +92,8 @@ def train_cmd(
     crops: Annotated[str, typer.Option(help="auto (source images, thumbnail when unreadable), images, thumbnails.")]
     = "auto",
     max_cells: Annotated[int, typer.Option(help="At most this many training cells (a seeded sample).")] = 20000,
+    augment: Annotated[float, typer.Option(help="Strength of the scale and colour jitter (0: none).")] = 1.0,
+    background: Annotated[float, typer.Option(help="Probability of the Cyto-SSL background swap.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed of the sample, split and augmentations.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on standard error.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
@@ -107,7 +109,7 @@ def train_cmd(
     config = TrainConfig(recipe=recipe, base=base, base_weights=str(base_weights) if base_weights else None,
                          input_size=input_size, train_blocks=train_blocks, views=views, epochs=epochs,
                          batch_size=batch_size, lr=lr, holdout=holdout, group=group, source=crops,
-                         max_cells=max_cells, seed=seed)
+                         max_cells=max_cells, augment=augment, background=background, seed=seed)
     bars: dict[str, Progress] = {}
 
     def tick(phase: str, done: int, total: int) -> None:
