@@ -13,6 +13,16 @@ SAMPLE = REPO / "examples" / "chula-rbc12-sample"
 SHARED_DATA = Path(os.environ.get("CYTOSTORE_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_configure(config):
+    # ONNX graphs and trained encoders go to folders of this test run, never the user's home;
+    # subprocesses started by tests inherit them.
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="cytostore-tests-"))
+    os.environ["CYTOSTORE_CACHE"] = str(scratch / "cache")
+    os.environ["CYTOSTORE_HOME"] = str(scratch / "home")
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
