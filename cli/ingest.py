@@ -41,6 +41,7 @@ def ingest_cmd(
     labels_from_folders: Annotated[bool, typer.Option(help="Parent folder = cell label (crops) or slide label (fields).")] = False,
     slide_from: Annotated[str, typer.Option(help="Folders: where slide ids come from. Crops: auto (--slide-id, else the parent folder; the root folder with --labels-from-folders), parent (folder above the crop, not the label folder), path (relative folder path, parts joined by ~), root, fixed (--slide-id). Fields: auto (--slide-id or file stem), stem, path (relative path without suffix).")] = "auto",
     slide_prefix: Annotated[str, typer.Option(help="Folders: put before every slide id (e.g. scope2-, when every field is 1.jpg).")] = "",
+    encoding: Annotated[str, typer.Option(help="Text encoding of a CSV manifest (e.g. latin1); a cell that is not valid text in it is a recorded failure.")] = "utf8",
     image: Annotated[Optional[Path], typer.Option(help="Image or slide a single GeoJSON file belongs to.")] = None,
     within_annotations: Annotated[bool, typer.Option(help="GeoJSON: keep only cells inside an annotation polygon (a QuPath region).")] = False,
     min_diameter: Annotated[float, typer.Option(help="Detector: smallest cell diameter in pixels (0 = from the image).")] = 0.0,
@@ -61,7 +62,8 @@ def ingest_cmd(
             from cytostore.detect import DetectorParams
 
             detector = DetectorParams(min_diameter=min_diameter, max_diameter=max_diameter)
-        options = SourceOptions(slide_id=slide_id, labels_from_folders=labels_from_folders, detector=detector)
+        options = SourceOptions(slide_id=slide_id, labels_from_folders=labels_from_folders, detector=detector,
+                                encoding=encoding)
         src = _open(source, fmt, options, image, slide_from, slide_prefix, within_annotations)
         config = IngestConfig(
             encoder=encoder, weights=str(weights) if weights else None, table=table,

@@ -74,6 +74,19 @@ def test_manifest_encoding_option_decodes_latin1(tmp_path, tiny_weights):
     assert report.cells_failed == 0 and _rows(tmp_path / "st", "label") == [{"label": "lymé"}]
 
 
+def test_manifest_encoding_option_on_the_command_line(tmp_path, tiny_weights):
+    img = _field(tmp_path / "f.png")
+    csv = tmp_path / "m.csv"
+    csv.write_bytes(f"image,slide_id,x,y,label\n{img},s1,50,50,lymé\n".encode("latin1"))
+    base = ["ingest", str(csv), "--store", str(tmp_path / "st"), "--encoder", TINY, "--weights", str(tiny_weights),
+            "--device", "cpu", "--json"]
+    res = runner.invoke(app, base)
+    assert res.exit_code == 1, res.output  # utf8 by default: the row is a recorded failure
+    res = runner.invoke(app, [*base, "--encoding", "latin1"])
+    assert res.exit_code == 0, res.output
+    assert _rows(tmp_path / "st", "label") == [{"label": "lymé"}]
+
+
 def test_manifest_byte_that_is_not_utf8_in_a_later_block(tmp_path):
     img = _field(tmp_path / "f.png")
     csv = tmp_path / "m.csv"
