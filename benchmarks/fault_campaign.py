@@ -36,22 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-EXIT_AFTER = """
-import os, sys
-from cytostore.store import writer
-real, made, n = writer.CellWriter._commit_pending, [0], int(sys.argv[1])
-def commit_then_die(self):
-    rows = real(self)
-    if rows:
-        made[0] += 1
-        if made[0] == n:
-            os._exit(9)
-    return rows
-writer.CellWriter._commit_pending = commit_then_die
-sys.argv = ["cytostore", *sys.argv[2:]]
-from cli.main import main
-main()
-"""
+from test_hardening_store import ABORT_AFTER_COMMIT as EXIT_AFTER  # noqa: E402 - the test suite's own fault
 
 
 def keyed(store: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ from cytostore import limits
 from cytostore.errors import InputError
 from cytostore.imaging import IMAGE_SUFFIXES, SLIDE_SUFFIXES
 from cytostore.keys import box_cell_id, check_id
-from cytostore.sources.base import (CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions, absolute,
+from cytostore.sources.base import (CellRecord, finite_number, ImageTask, SourceFailure, SourceItem, SourceOptions, absolute,
                                     safe_slide_id, shard_of)
 
 
@@ -24,15 +24,7 @@ _MALFORMED = (TypeError, ValueError, AttributeError, IndexError, KeyError, Overf
 
 def _coord(value: Any, what: str) -> float:
     """A coordinate as a finite float; InputError saying what it is otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise InputError(f"{what} {str(value)[:40]!r} is not a number")
-    try:
-        out = float(value)
-    except (ValueError, OverflowError):
-        raise InputError(f"{what} {str(value)[:40]!r} is not a number") from None
-    if not math.isfinite(out):
-        raise InputError(f"{what} {value!r} is not a finite number")
-    return out
+    return finite_number(value, what)
 
 
 def _xy(c: Any) -> tuple[float, float]:

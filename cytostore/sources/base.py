@@ -4,6 +4,7 @@ failures (rows or files that cannot be used)."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,23 @@ from cytostore.errors import InputError
 from cytostore.keys import cell_uid, check_id
 
 CONTINUED = " (continued)"  # ends the source_ref of later tasks of one image, so an image counts once
+
+
+def finite_number(value: Any, what: str = "") -> float:
+    """``value`` as a finite float (a coordinate, a size); InputError saying what it is otherwise.
+
+    Booleans, NaN and infinities are not numbers here.
+    """
+    label = f"{what} " if what else ""
+    if isinstance(value, bool):
+        raise InputError(f"{label}{str(value)[:40]!r} is not a number")
+    try:
+        out = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{label}{str(value)[:40]!r} is not a number") from None
+    if not math.isfinite(out):
+        raise InputError(f"{label}{value!r} is not a finite number")
+    return out
 
 
 @dataclass(frozen=True)

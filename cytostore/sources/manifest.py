@@ -16,7 +16,8 @@ import pyarrow.compute as pc
 from cytostore import limits
 from cytostore.errors import InputError
 from cytostore.keys import DUPLICATE, KeySet, box_cell_id, cell_key_hash, check_id, position_cell_id
-from cytostore.sources.base import CONTINUED, CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions
+from cytostore.sources.base import (CONTINUED, CellRecord, ImageTask, SourceFailure, SourceItem, SourceOptions,
+                                    finite_number)
 from cytostore.sources.tables import CHUNK_ROWS, TableStream, read_table
 
 KNOWN = {"image", "slide_id", "cell_id", "x", "y", "x0", "y0", "x1", "y1", "label", "slide_label"}
@@ -29,13 +30,7 @@ __all__ = ["KNOWN", "ManifestSource", "read_table"]
 def _num(value: Any) -> float | None:
     if value is None or value == "":
         return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{value!r} is not a number") from None
-    if not math.isfinite(out):
-        raise InputError(f"{value!r} is not a finite number")
-    return out
+    return finite_number(value)
 
 
 def _text(value: Any) -> Any:
