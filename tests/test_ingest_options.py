@@ -117,6 +117,37 @@ def test_multilayer_dim_identity_and_refusals(tmp_path, manifest, tiny_weights, 
         _ingest(few, store, tiny_weights, tta=3, table="other")
 
 
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_zoom2_adds_the_enlarged_centre_as_a_second_scale(tmp_path, tiny_weights, runtime):
+    import torch
+
+    from cytostore.embed import Embedder
+    from cytostore.encoders import create_encoder
+    from cytostore.encoders.features import with_options
+
+    if runtime == "onnx":
+        pytest.importorskip("onnxruntime")
+    enc = create_encoder(TINY, tiny_weights)
+    zoomed = with_options(enc, zoom=2, tta=8)
+    assert zoomed.dim == 2 * enc.dim and zoomed.arch == enc.arch + "+tta8+zoom2"
+    crop = _crop(160)
+    views = np.stack([crop, np.rot90(crop, 1), crop[:, ::-1]]).copy()
+    out = Embedder(zoomed, "cpu", batch_size=4, runtime=runtime)(views)
+    assert out.shape == (3, 2 * enc.dim)
+    assert _cosines(out[:1], out[1:]).min() > 0.9999  # the centre is centred: still invariant
+    # The second half is the backbone's embedding of the central half enlarged, the first the crop's.
+    x = torch.rand(2, 3, 64, 64)
+    plain = with_options(enc, zoom=2)
+    with torch.inference_mode():
+        both = plain.model(x)
+        centre = torch.nn.functional.interpolate(x[:, :, 16:48, 16:48], size=(64, 64), mode="bilinear",
+                                                 align_corners=False)
+        assert torch.allclose(both[:, :enc.dim], enc.model(x), atol=1e-5)
+        assert torch.allclose(both[:, enc.dim:], enc.model(centre), atol=1e-5)
+    with pytest.raises(InputError, match="zoom"):
+        IngestConfig(zoom=3)
+
+
 def test_option_values_are_checked_before_the_store_is_touched(tmp_path):
     from cytostore import stain
     from cytostore.encoders import features

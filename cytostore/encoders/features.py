@@ -11,7 +11,10 @@ graph) computes the same thing:
 - ``tta=4`` (the four 90-degree rotations) or ``tta=8`` (and their mirror
   images): the mean of the embeddings of every view, computed as one batch of
   ``tta x N`` crops. Cells have no orientation, so a rotated or mirrored cell
-  then embeds the same.
+  then embeds the same;
+- ``zoom=2`` (two scales): the central half of each crop, enlarged back to the
+  input size, is embedded too and its features are concatenated after the whole
+  crop's: the cell's detail beside its context, at twice the cost and dimension.
 
 ``with_options`` returns an encoder whose ``arch`` names the options
 (``tf_efficientnet_lite0+multilayer+tta4``): ``arch`` is part of a table's
@@ -30,6 +33,7 @@ from cytostore.errors import InputError
 
 FEATURES = ("final", "multilayer")
 TTA = (1, 4, 8)
+ZOOMS = (1, 2)
 STAGES = 5  # later stages pooled by "multilayer" (the last five of EfficientNet's seven)
 
 
@@ -40,14 +44,18 @@ class FeatureModel(torch.nn.Module):
         backbone: a timm model built with ``num_classes=0``.
         features: ``final`` (the backbone's pooled output) or ``multilayer``.
         tta: 1 (off), 4 (rotations) or 8 (rotations and flips).
+        zoom: 1 (the crop alone) or 2 (the crop, then its central half enlarged).
     """
 
-    def __init__(self, backbone: Any, features: str = "final", tta: int = 1):
+    def __init__(self, backbone: Any, features: str = "final", tta: int = 1, zoom: int = 1):
         super().__init__()
         if features not in FEATURES:
             raise InputError(f"unknown --features {features!r}; use one of {', '.join(FEATURES)}")
         if tta not in TTA:
             raise InputError(f"--tta must be 1 (off), 4 or 8, got {tta}")
+        if zoom not in ZOOMS:
+            raise InputError(f"--zoom must be 1 (off) or 2, got {zoom}")
+        self.zoom = zoom
         self.backbone = backbone
         self.features = features
         self.tta = tta
@@ -61,7 +69,7 @@ class FeatureModel(torch.nn.Module):
         self.taps = tuple(range(max(0, n - STAGES), n))  # stage indices whose outputs are pooled
 
     def extra_repr(self) -> str:
-        return f"features={self.features}, tta={self.tta}, taps={self.taps}"
+        return f"features={self.features}, tta={self.tta}, zoom={self.zoom}, taps={self.taps}"
 
     def embed(self, x):
         """Features of one view, (N, dim)."""
@@ -85,6 +93,18 @@ class FeatureModel(torch.nn.Module):
 
     def forward(self, x):
         """(N, 3, S, S) normalised crops -> (N, dim) embeddings."""
+        out = self.views(x)
+        if self.zoom == 1:
+            return out
+        side = x.shape[-1]
+        inner = side // self.zoom
+        off = (side - inner) // 2  # centred: a rotated crop has the rotated centre, so TTA stays invariant
+        centre = torch.nn.functional.interpolate(x[:, :, off:off + inner, off:off + inner], size=(side, side),
+                                                 mode="bilinear", align_corners=False)
+        return torch.cat([out, self.views(centre)], dim=1)
+
+    def views(self, x):
+        """The embedding of one scale, averaged over the dihedral views (``tta``)."""
         if self.tta == 1:
             return self.embed(x)
         views = dihedral_views(x, self.tta)
@@ -103,25 +123,26 @@ def dihedral_views(x, n: int) -> list:
     return out
 
 
-def options_identity(features: str = "final", tta: int = 1) -> str:
+def options_identity(features: str = "final", tta: int = 1, zoom: int = 1) -> str:
     """The suffix these options add to an encoder's ``arch`` ('' for the defaults)."""
-    return ("+multilayer" if features == "multilayer" else "") + (f"+tta{tta}" if tta > 1 else "")
+    return (("+multilayer" if features == "multilayer" else "") + (f"+tta{tta}" if tta > 1 else "")
+            + (f"+zoom{zoom}" if zoom > 1 else ""))
 
 
-def with_options(encoder: Encoder, features: str = "final", tta: int = 1) -> Encoder:
+def with_options(encoder: Encoder, features: str = "final", tta: int = 1, zoom: int = 1) -> Encoder:
     """The encoder with ``FeatureModel`` around its model; itself when both options are the defaults.
 
     ``weights_sha256`` stays the backbone's; ``arch``, ``dim`` and ``name`` say what
     was added, and ``extra["features"]`` describes it.
     """
-    if features == "final" and tta == 1:
+    if features == "final" and tta == 1 and zoom == 1:
         return encoder
-    model = FeatureModel(encoder.model, features, int(tta)).eval()
+    model = FeatureModel(encoder.model, features, int(tta), int(zoom)).eval()
     with torch.inference_mode():
-        dim = int(model.embed(torch.zeros(1, 3, encoder.input_size, encoder.input_size)).shape[1])
-    suffix = options_identity(features, int(tta))
+        dim = int(model(torch.zeros(1, 3, encoder.input_size, encoder.input_size)).shape[1])
+    suffix = options_identity(features, int(tta), int(zoom))
     extra = dict(encoder.extra)
-    extra["features"] = {"features": features, "tta": int(tta), "stages": list(model.taps) if model.staged else None,
+    extra["features"] = {"features": features, "tta": int(tta), "zoom": int(zoom), "stages": list(model.taps) if model.staged else None,
                          "backbone_dim": encoder.dim}
     return dataclasses.replace(encoder, name=encoder.name + suffix.replace("+", "_"), arch=encoder.arch + suffix,
                                model=model, dim=dim, extra=extra)

@@ -37,6 +37,7 @@ class IngestConfig:
     # Cell options (cytostore.encoders.features, cytostore.stain, cytostore.morphometrics; docs/embeddings.md):
     features: str = "final"  # final (the backbone's pooled output) or multilayer (later stages pooled too)
     tta: int = 1  # dihedral test-time augmentation: 1 (off), 4 rotations or 8 rotations and flips
+    zoom: int = 1  # scales: 1 (the crop) or 2 (and its central half enlarged, features concatenated)
     stain: str = "none"  # colour normalisation of crops before the encoder: none, reinhard or macenko
     stain_reference: Any = None  # reference: an image path, None (a sample of the store's thumbnails) or stats
     morphometrics: bool = False  # morph_* columns (size, shape, pallor, colour) from each crop
@@ -47,6 +48,7 @@ class IngestConfig:
 
         for what, value, allowed in (("--features", self.features, ("final", "multilayer")),
                                      ("--tta", self.tta, (1, 4, 8)),
+                                     ("--zoom", self.zoom, (1, 2)),
                                      ("--stain", self.stain, ("none", "reinhard", "macenko"))):
             if value not in allowed:
                 raise InputError(f"unknown {what} {value!r}; use one of {', '.join(map(str, allowed))}")
@@ -68,12 +70,14 @@ def with_cell_options(config: IngestConfig, encoder, store):
 
     from cytostore.errors import InputError
 
-    if config.features != "final" or config.tta != 1:
+    if config.features != "final" or config.tta != 1 or config.zoom != 1:
         if config.engine == "ray":
-            raise InputError("--features and --tta run on --engine local for now; leave them out with --engine ray")
+            raise InputError("--features, --tta and --zoom run on --engine local for now; leave them out with "
+                             "--engine ray")
         from cytostore.encoders.features import with_options
 
-        encoder = with_options(encoder.load() if hasattr(encoder, "load") else encoder, config.features, config.tta)
+        encoder = with_options(encoder.load() if hasattr(encoder, "load") else encoder, config.features, config.tta,
+                               config.zoom)
     stain = None
     if config.stain != "none":
         from cytostore import stain as stain_mod
