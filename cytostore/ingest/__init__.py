@@ -61,18 +61,10 @@ def ingest(source, store_path: str | Path, config: IngestConfig = IngestConfig()
             embedded (and their failures) and releasing the writer lock.
     """
     validate(source, config)  # options and source columns, before the store is touched (InputError)
-    if config.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {config.batch_size}")
-    if config.workers < 0:
-        raise InputError(f"--workers must be 0 or more, got {config.workers}")
-    if config.engine not in ENGINES:
-        raise InputError(f"unknown engine {config.engine!r}; use one of {', '.join(ENGINES)}")
     if config.engine == "ray":
         from cytostore.ingest.ray import require_ray
 
         require_ray()
-    if config.embedding_dtype not in schema.EMBEDDING_DTYPES:
-        raise InputError(f"embedding dtype must be float16 or float32, got {config.embedding_dtype!r}")
     t0 = time.perf_counter()
     store = CellStore.create(store_path)
     # The model is built only when a cell needs embedding (the identity comes from a digest cache).
