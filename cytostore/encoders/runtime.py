@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from cytostore.errors import EncoderError, InputError
+from cytostore.store.check import digest
 from cytostore.store.provenance import RUNTIME_MIN_COSINE
 
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
@@ -211,14 +212,6 @@ def _key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -253,7 +246,7 @@ def ensure_export(encoder, batch_size: int | None, opset: int = OPSET) -> Export
     path = folder / f"{_key(fields)}.onnx"
     meta = _read_sidecar(path.with_suffix(".json"))
     if meta is not None and meta.get("fields") == fields and path.is_file():
-        if _file_sha256(path) == meta.get("graph_sha256"):
+        if digest(path) == meta.get("graph_sha256"):
             return Export(path, meta, exported=False)
     data = _export_bytes(model, encoder, batch_size, opset)
     atomic_write(path, data)

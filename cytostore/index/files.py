@@ -23,6 +23,7 @@ import numpy as np
 from cytostore.errors import StoreError
 from cytostore.index.faiss import faiss_module, uid_digest
 from cytostore.store import CellStore
+from cytostore.store.check import digest
 
 SIDECAR, INDEX_FILE, UIDS_FILE, ROWIDS_FILE = "sidecar.json", "index.faiss", "uids.npy", "rowids.npy"
 FORMAT_VERSION = 2  # 2: build_id, table identity, max_rowid, rowids.npy, index file size and sha256
@@ -172,11 +173,8 @@ def build_key(sidecar: dict) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+    """``sha256:<hex>`` of a file, as index sidecars record it."""
+    return "sha256:" + digest(path)
 
 
 def write_files(folder: Path, index, uids: np.ndarray, rowids: np.ndarray | None, sidecar: dict) -> dict:
